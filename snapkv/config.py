@@ -1,0 +1,106 @@
+"""Request-level settings: SnapKV compression and sampling.
+
+Both are frozen dataclasses that validate themselves on construction, so a bad value fails where it is
+made, with a `ValueError` that names the field and the value.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+POOLING_KINDS = ("max", "avg")
+GQA_REDUCTIONS = ("mean", "max")
+
+
+def _require(condition: bool, field_name: str, value: object, expected: str) -> None:
+    if not condition:
+        raise ValueError(f"invalid {field_name}={value!r}: expected {expected}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """SnapKV settings for one prompt.
+
+    `budget` counts every kept token, the observation window included, so a compressed cache holds
+    exactly `budget` positions per KV head. A prompt of at most `budget` tokens is left untouched.
+    """
+
+    window: int = 32
+    budget: int = 1024
+    kernel: int = 7
+    pooling: str = "max"
+    gqa_reduction: str = "mean"
+
+    def __post_init__(self) -> None:
+        _require(_is_int(self.window) and self.window >= 1, "window", self.window, "an integer >= 1")
+        _require(
+            _is_int(self.budget) and self.budget > self.window,
+            "budget",
+            self.budget,
+            f"an integer greater than window={self.window}",
+        )
+        _require(
+            _is_int(self.kernel) and self.kernel >= 1 and self.kernel % 2 == 1,
+            "kernel",
+            self.kernel,
+            "an odd integer >= 1",
+        )
+        _require(self.pooling in POOLING_KINDS, "pooling", self.pooling, f"one of {POOLING_KINDS}")
+        _require(
+            self.gqa_reduction in GQA_REDUCTIONS,
+            "gqa_reduction",
+            self.gqa_reduction,
+            f"one of {GQA_REDUCTIONS}",
+        )
+
+    def kept_length(self, prompt_length: int) -> int:
+        """Return how many positions per KV head survive compression of a prompt of this length."""
+        return min(prompt_length, self.budget)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each next token and when to stop.
+
+    `temperature == 0` is greedy decoding. `top_k == 0` and `top_p == 1` disable those filters.
+    `seed` makes sampled output repeatable; it is unused when decoding greedily.
+    """
+
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        _require(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", self.max_tokens, "an integer >= 1")
+        _require(
+            isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature >= 0,
+            "temperature",
+            self.temperature,
+            "a finite number >= 0",
+        )
+        _require(
+            isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1,
+            "top_p",
+            self.top_p,
+            "a number in (0, 1]",
+        )
+        _require(_is_int(self.top_k) and self.top_k >= 0, "top_k", self.top_k, "an integer >= 0")
+        _require(self.seed is None or _is_int(self.seed), "seed", self.seed, "an integer or None")
+        _require(
+            isinstance(self.stop, tuple) and all(isinstance(s, str) and s for s in self.stop),
+            "stop",
+            self.stop,
+            "a tuple of non-empty strings",
+        )
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0

@@ -1,0 +1,224 @@
+"""The in-process engine: batched prefill with SnapKV compression, then batched decode steps.
+
+`Engine.prefill` runs left-padded prompts through the model once, compresses every layer as the
+forward pass reaches it, and samples each first token from the prefill logits. `Engine.generate`
+continues those sequences together, one batched forward step per token, from a `BatchCache` built
+from the compressed prompt caches. Each decoded token is fed at position prompt_length + step (the
+original positions), while it is written right after the kept entries in the cache.
+
+Limitations: models whose layers use sliding-window attention are rejected, because a compressed
+cache does not preserve the window's positions; prompts are prefilled whole (no chunking), so the
+longest prompt is bounded by the memory of one full forward pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from snapkv import attention
+from snapkv.config import CompressionConfig, SamplingParams
+from snapkv.kv_cache import BatchCache, PromptCache
+from snapkv.model import LoadedModel
+from snapkv.sampling import make_generator, sample_token
+from snapkv.text import TextStream, stop_token_ids
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Request:
+    """One generation request, already tokenized."""
+
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    sampling: SamplingParams = SamplingParams()
+    compression: CompressionConfig | None = CompressionConfig()
+
+
+@dataclass
+class PrefillResult:
+    """What prefill hands to decoding for one request."""
+
+    request: Request
+    cache: PromptCache
+    first_token: int
+    logits: torch.Tensor  # [vocab_size], fp32, at the last prompt position
+    generator: torch.Generator | None
+    kept_positions: list[torch.Tensor | None]  # per layer [num_kv_heads, kept_len], None when uncompressed
+
+
+@dataclass
+class TokenEvent:
+    """One generated token of one request, with the text it completed and, on the last one, why it ended."""
+
+    index: int  # position of the request in the batch given to `generate`
+    token_id: int
+    text: str
+    finish_reason: str | None = None  # "stop" or "length" on the request's last event
+
+
+@dataclass
+class _Sequence:
+    result: PrefillResult
+    stream: TextStream
+    generated: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+class Engine:
+    """Prefill, SnapKV compression and batched decoding on one loaded model."""
+
+    def __init__(self, loaded: LoadedModel):
+        config = loaded.model.config
+        if getattr(config, "sliding_window", None) is not None:
+            raise ValueError(
+                f"{loaded.name} uses sliding-window attention (sliding_window={config.sliding_window}), "
+                "which compressed caches do not support"
+            )
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.name = loaded.name
+        self.attention = attention.install(self.model)
+        self.device = self.model.device
+        self.num_layers = config.num_hidden_layers
+        self.max_context = getattr(config, "max_position_embeddings", None)
+        eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+        generation_eos = getattr(self.model.generation_config, "eos_token_id", None)
+        eos += generation_eos if isinstance(generation_eos, list) else [generation_eos]
+        self.stop_ids = stop_token_ids(self.tokenizer, eos)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.stop_ids)
+
+    def check_request(self, request: Request) -> None:
+        """Raise ValueError when the request cannot be served by this model."""
+        length = len(request.prompt_ids)
+        if length == 0:
+            raise ValueError("invalid prompt: it is empty")
+        if self.max_context is not None and length + request.sampling.max_tokens > self.max_context:
+            raise ValueError(
+                f"invalid request: prompt of {length} tokens plus max_tokens={request.sampling.max_tokens} exceeds "
+                f"the model's context of {self.max_context} tokens"
+            )
+
+    @torch.inference_mode()
+    def prefill(self, requests: list[Request]) -> list[PrefillResult]:
+        """Run the prompts as one left-padded batch; compress each layer; sample each first token."""
+        for request in requests:
+            self.check_request(request)
+        lengths = [len(r.prompt_ids) for r in requests]
+        input_ids, attention_mask, position_ids = self._left_pad([r.prompt_ids for r in requests])
+
+        # A batch shares one capture, so requests in it share compression settings; see `_group`.
+        capture = attention.PrefillCapture(lengths, requests[0].compression, self.num_layers)
+        with attention.capturing(capture):
+            output = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=False,
+                logits_to_keep=1,
+            )
+        logits = output.logits[:, -1].float()  # [B, vocab_size]
+
+        results = []
+        for b, request in enumerate(requests):
+            generator = make_generator(request.sampling, self.device)
+            cache = PromptCache(capture.keys[b], capture.values[b], lengths[b])
+            first = sample_token(logits[b], request.sampling, generator)
+            results.append(PrefillResult(request, cache, first, logits[b], generator, capture.positions[b]))
+        return results
+
+    def prefill_grouped(self, requests: list[Request]) -> list[PrefillResult]:
+        """Prefill requests in batches of identical compression settings; keep the input order."""
+        results: list[PrefillResult | None] = [None] * len(requests)
+        for indices in _group(requests):
+            for index, result in zip(indices, self.prefill([requests[i] for i in indices])):
+                results[index] = result
+        return results
+
+    def _left_pad(self, prompts: list[tuple[int, ...]]):
+        max_len = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), max_len), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), max_len), dtype=torch.long)
+        for b, prompt in enumerate(prompts):
+            input_ids[b, max_len - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+            attention_mask[b, max_len - len(prompt) :] = 1
+        position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+        return input_ids.to(self.device), attention_mask.to(self.device), position_ids.to(self.device)
+
+    @torch.inference_mode()
+    def decode_step(self, cache: BatchCache, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row [batch] at its original position; return next-token logits [batch, vocab_size]."""
+        output = self.model(
+            input_ids=tokens.unsqueeze(1).to(self.device),
+            attention_mask=cache.attention_mask(self.attention, self.model.dtype),
+            position_ids=cache.position_ids(),
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        cache.advance()
+        return output.logits[:, -1].float()
+
+    def generate(self, requests: list[Request]) -> Iterator[TokenEvent]:
+        """Prefill then decode every request together, yielding each token as it is chosen."""
+        results = self.prefill_grouped(requests)
+        yield from self.decode(results)
+
+    def decode(self, results: list[PrefillResult]) -> Iterator[TokenEvent]:
+        """Decode from prefill results, batching every unfinished sequence into each step."""
+        sequences = [
+            _Sequence(r, TextStream(self.tokenizer, r.request.sampling.stop, r.request.prompt_ids)) for r in results
+        ]
+        active = []
+        for index, sequence in enumerate(sequences):
+            yield self._accept(index, sequence, sequence.result.first_token)
+            if sequence.finish_reason is None:
+                active.append(index)
+        if not active:
+            return
+
+        max_new = max(sequences[i].result.request.sampling.max_tokens for i in active)
+        cache = BatchCache([sequences[i].result.cache for i in active], max_new)
+        while active:
+            last = torch.tensor([sequences[i].generated[-1] for i in active])
+            logits = self.decode_step(cache, last)
+            still_active = []
+            for row, index in enumerate(active):
+                sequence = sequences[index]
+                request = sequence.result.request
+                token = sample_token(logits[row], request.sampling, sequence.result.generator)
+                yield self._accept(index, sequence, token)
+                if sequence.finish_reason is None:
+                    still_active.append(row)
+            if len(still_active) < len(active):
+                active = [active[row] for row in still_active]
+                if active:
+                    cache.select_rows(still_active)
+
+    def _accept(self, index: int, sequence: _Sequence, token: int) -> TokenEvent:
+        request = sequence.result.request
+        sequence.generated.append(token)
+        if token in self.stop_ids:
+            sequence.finish_reason = "stop"
+            return TokenEvent(index, token, sequence.stream.finish(), "stop")
+
+        text = sequence.stream.push(token)
+        if sequence.stream.stopped:
+            sequence.finish_reason = "stop"
+        elif len(sequence.generated) >= request.sampling.max_tokens:
+            sequence.finish_reason = "length"
+        if sequence.finish_reason is not None:
+            text += sequence.stream.finish()
+        return TokenEvent(index, token, text, sequence.finish_reason)
+
+
+def _group(requests: list[Request]) -> list[list[int]]:
+    groups: dict[CompressionConfig | None, list[int]] = {}
+    for index, request in enumerate(requests):
+        groups.setdefault(request.compression, []).append(index)
+    return list(groups.values())

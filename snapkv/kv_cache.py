@@ -1,0 +1,154 @@
+"""KV cache value types: one prompt's compressed cache, and the batched cache decoding writes into.
+
+`PromptCache` is the unit that prefill produces (and that travels to a decode worker). `BatchCache`
+is a transformers `Cache` that holds several sequences of different lengths in preallocated tensors,
+so a decode step writes each new key and value in place instead of concatenating.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+
+@dataclass
+class PromptCache:
+    """The kept prompt keys and values of one sequence, for every layer.
+
+    keys, values: [num_layers, num_kv_heads, kept_len, head_dim], post-RoPE.
+    prompt_length: the original prompt length L; the first decoded token sits at position L.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    prompt_length: int
+
+    @property
+    def kept_length(self) -> int:
+        return self.keys.shape[2]
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.prompt_length / self.kept_length
+
+    @property
+    def num_bytes(self) -> int:
+        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
+    def full_size_bytes(self, element_size: int | None = None) -> int:
+        """Return what the uncompressed cache of this prompt takes, in bytes."""
+        num_layers, num_kv_heads, _, head_dim = self.keys.shape
+        element_size = element_size or self.keys.element_size()
+        return 2 * num_layers * num_kv_heads * self.prompt_length * head_dim * element_size
+
+
+class BatchLayer(CacheLayerMixin):
+    """One layer of a `BatchCache`: keys and values [batch, num_kv_heads, capacity, head_dim]."""
+
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, cache: "BatchCache"):
+        super().__init__()
+        self.keys = keys
+        self.values = values
+        self.cache = cache
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states, value_states) -> None:  # preallocated in __init__
+        return None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Write one new position per sequence at its own length; return the valid span of all rows."""
+        batch, _, q_len, _ = key_states.shape
+        if q_len != 1:
+            raise ValueError(f"BatchCache takes one new token per sequence per step, got q_len={q_len}")
+
+        kv_len = self.cache.step_kv_len
+        if kv_len > self.keys.shape[2]:
+            raise RuntimeError(f"BatchCache capacity {self.keys.shape[2]} exhausted")
+
+        rows = torch.arange(batch, device=self.keys.device)
+        lengths = self.cache.lengths
+        self.keys[rows, :, lengths] = key_states[:, :, 0]
+        self.values[rows, :, lengths] = value_states[:, :, 0]
+        return self.keys[:, :, :kv_len], self.values[:, :, :kv_len]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.cache.step_kv_len, 0
+
+    def get_seq_length(self) -> int:
+        return self.cache.step_kv_len - 1
+
+    def get_max_length(self) -> int:
+        return self.keys.shape[2]
+
+
+class BatchCache(Cache):
+    """Decode-time KV for a batch of sequences of different lengths, in preallocated tensors.
+
+    Row b holds its prompt cache in positions [0, kept_b) followed by the tokens decoded so far; the
+    rest of the row is unused. `attention_mask()` marks each row's valid positions, so padding is
+    never attended. Call `advance()` after every forward step.
+    """
+
+    def __init__(self, prompts: list[PromptCache], max_new_tokens: int):
+        num_layers, num_kv_heads, _, head_dim = prompts[0].keys.shape
+        capacity = max(p.kept_length for p in prompts) + max_new_tokens
+        reference = prompts[0].keys
+        shape = (len(prompts), num_kv_heads, capacity, head_dim)
+
+        layers = []
+        for layer_idx in range(num_layers):
+            keys = reference.new_zeros(shape)
+            values = reference.new_zeros(shape)
+            for row, prompt in enumerate(prompts):
+                keys[row, :, : prompt.kept_length] = prompt.keys[layer_idx]
+                values[row, :, : prompt.kept_length] = prompt.values[layer_idx]
+            layers.append(BatchLayer(keys, values, self))
+
+        super().__init__(layers=layers)
+        self.lengths = torch.tensor([p.kept_length for p in prompts], device=reference.device)
+        self.positions = torch.tensor([p.prompt_length for p in prompts], device=reference.device)
+        self._max_length = int(self.lengths.max())
+
+    @property
+    def step_kv_len(self) -> int:
+        """Keys a step attends to: the longest row plus the token being written."""
+        return self._max_length + 1
+
+    @property
+    def capacity(self) -> int:
+        return self.layers[0].keys.shape[2]
+
+    def position_ids(self) -> torch.Tensor:
+        """Positions [batch, 1] of the tokens fed in the next step: original prompt length + decoded."""
+        return self.positions.unsqueeze(1)
+
+    def attention_mask(self, implementation: str, dtype: torch.dtype) -> torch.Tensor:
+        """Return a 4D mask [batch, 1, 1, step_kv_len] for the next step in the format `implementation` takes."""
+        columns = torch.arange(self.step_kv_len, device=self.lengths.device)
+        valid = columns.unsqueeze(0) <= self.lengths.unsqueeze(1)
+        valid = valid[:, None, None, :]
+        if implementation == "sdpa":
+            return valid
+        # eager adds the mask to the logits.
+        return torch.zeros(valid.shape, dtype=dtype, device=valid.device).masked_fill_(~valid, torch.finfo(dtype).min)
+
+    def advance(self) -> None:
+        """Account for the token every row wrote in the step that just ran."""
+        self.lengths += 1
+        self.positions += 1
+        self._max_length += 1
+
+    def select_rows(self, rows: list[int]) -> None:
+        """Keep only these rows (finished sequences leave the batch)."""
+        index = torch.tensor(rows, device=self.lengths.device)
+        for layer in self.layers:
+            layer.keys = layer.keys.index_select(0, index)
+            layer.values = layer.values.index_select(0, index)
+        self.lengths = self.lengths.index_select(0, index)
+        self.positions = self.positions.index_select(0, index)
+        self._max_length = int(self.lengths.max())
