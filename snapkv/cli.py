@@ -80,11 +80,6 @@ def read_prompt(args: argparse.Namespace) -> str:
 
 
 def run_generate_local(args: argparse.Namespace) -> int:
-    # Imported here so that `--help` and argument errors do not pay for importing torch.
-    from snapkv.engine import Engine, Request
-    from snapkv.model import DEFAULT_MODEL, load_model
-    from snapkv.text import prompt_ids
-
     compression = None if args.no_compress else CompressionConfig(
         window=args.window, budget=args.budget, kernel=args.kernel, pooling=args.pooling
     )
@@ -97,6 +92,12 @@ def run_generate_local(args: argparse.Namespace) -> int:
         stop=tuple(args.stop),
     )
     prompt = read_prompt(args)
+
+    # Imported only now, so that `--help` and invalid arguments do not pay for importing torch.
+    from snapkv.engine import Engine, Request
+    from snapkv.model import DEFAULT_MODEL, load_model
+    from snapkv.text import prompt_ids
+
     cache_dir = args.cache_dir or (Path(os.environ[CACHE_DIR_VARIABLE]) if os.environ.get(CACHE_DIR_VARIABLE) else None)
     engine = Engine(load_model(args.model or DEFAULT_MODEL, cache_dir=cache_dir))
 

@@ -28,8 +28,8 @@ def score_prefix(window_queries: torch.Tensor, keys: torch.Tensor, scaling: floa
     keys: [batch, num_kv_heads, kv_len, head_dim], the keys of every prompt position.
     Returns [batch, num_kv_heads, kv_len - window] in fp32.
 
-    Peak extra memory is one fp32 tensor of [batch, num_heads, window, kv_len]: the query heads are
-    grouped onto their KV head instead of repeating the keys.
+    One KV head at a time, its query heads attend together, so the largest temporary is one fp32
+    tensor of [batch, num_heads / num_kv_heads, window, kv_len]; keys are never repeated per query head.
     """
     batch, num_heads, window, head_dim = window_queries.shape
     _, num_kv_heads, kv_len, _ = keys.shape
@@ -37,19 +37,28 @@ def score_prefix(window_queries: torch.Tensor, keys: torch.Tensor, scaling: floa
     prefix_len = kv_len - window
 
     # Each KV head serves `group_size` consecutive query heads (the layout `repeat_kv` assumes).
-    queries = window_queries.float().reshape(batch, num_kv_heads, group_size * window, head_dim)
-    logits = torch.matmul(queries, keys.float().transpose(-1, -2)).mul_(scaling)  # [B, H_kv, g*W, K]
-
+    grouped_queries = window_queries.reshape(batch, num_kv_heads, group_size * window, head_dim)
     # Window query i sits at position prefix_len + i and must not see the window keys after it.
     future = torch.ones(window, window, dtype=torch.bool, device=keys.device).triu_(diagonal=1)
-    logits.view(batch, num_kv_heads, group_size, window, kv_len)[..., prefix_len:].masked_fill_(future, float("-inf"))
 
-    weights = torch.softmax(logits, dim=-1)
-    scores = weights.view(batch, num_kv_heads, group_size, window, kv_len)[..., :prefix_len].sum(dim=3)
+    scores = keys.new_empty((batch, num_kv_heads, prefix_len), dtype=torch.float32)
+    for head in range(num_kv_heads):
+        queries = grouped_queries[:, head].float()  # [B, g*W, D]
+        head_keys = keys[:, head].float()  # [B, K, D]
+        # einsum lets the BLAS read the keys transposed; matmul on a transposed view copies them first.
+        logits = torch.einsum("bqd,bkd->bqk", queries, head_keys).mul_(scaling)  # [B, g*W, K]
+        logits.view(batch, group_size, window, kv_len)[..., prefix_len:].masked_fill_(future, float("-inf"))
 
-    if gqa_reduction == "mean":
-        return scores.mean(dim=2)
-    return scores.amax(dim=2)
+        # Softmax in place, so the logits are the only large temporary.
+        logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
+        weights = logits.div_(logits.sum(dim=-1, keepdim=True))
+        per_query_head = weights.view(batch, group_size, window, kv_len)[..., :prefix_len].sum(dim=2)  # [B, g, K-W]
+
+        if gqa_reduction == "mean":
+            scores[:, head] = per_query_head.mean(dim=1)
+        else:
+            scores[:, head] = per_query_head.amax(dim=1)
+    return scores
 
 
 def pool_scores(scores: torch.Tensor, kernel: int, pooling: str) -> torch.Tensor:
