@@ -22,7 +22,7 @@ VARIANTS = ("transformers", "engine-full", "engine-snapkv")
 CHILD = """
 import json, sys, time, torch
 from importlib.resources import files
-from snapkv.config import CompressionConfig
+from snapkv.config import CompressionConfig, SamplingParams
 from snapkv.engine import Engine, Request
 from snapkv.memory import peak_resident_bytes, reset_peak, resident_bytes
 from snapkv.model import load_model
@@ -38,7 +38,7 @@ def run():
             output = loaded.model(torch.tensor([ids]), use_cache=True, logits_to_keep=1)
         return output
     compression = CompressionConfig(budget=budget) if variant == "engine-snapkv" else None
-    return engine.prefill([Request("bench", tuple(ids), compression=compression)])
+    return engine.prefill([Request("bench", tuple(ids), SamplingParams(max_tokens=1), compression)])
 
 engine = Engine(loaded) if variant != "transformers" else None
 seconds = []
@@ -58,7 +58,9 @@ print(json.dumps({"variant": variant, "tokens": len(ids), "seconds": min(seconds
 def measure(variant: str, num_tokens: int, budget: int, repeats: int) -> dict:
     command = [sys.executable, "-c", CHILD, variant, str(num_tokens), str(budget), str(repeats)]
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    output = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
+    output = subprocess.run(command, capture_output=True, text=True, env=env)
+    if output.returncode != 0:
+        raise RuntimeError(f"{variant} failed:\n{output.stderr[-2000:]}")
     return json.loads(output.stdout.strip().splitlines()[-1])
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -25,7 +25,8 @@ from snapkv.config import CompressionConfig, SamplingParams
 from snapkv.kv_cache import BatchCache, PromptCache
 from snapkv.model import LoadedModel
 from snapkv.sampling import make_generator, sample_token
-from snapkv.text import TextStream, stop_token_ids
+from snapkv.sequence import SequenceState
+from snapkv.text import stop_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -60,14 +61,6 @@ class TokenEvent:
     token_id: int
     text: str
     finish_reason: str | None = None  # "stop" or "length" on the request's last event
-
-
-@dataclass
-class _Sequence:
-    result: PrefillResult
-    stream: TextStream
-    generated: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
 
 
 class Engine:
@@ -169,52 +162,38 @@ class Engine:
         results = self.prefill_grouped(requests)
         yield from self.decode(results)
 
+    def start_sequence(self, result: PrefillResult) -> SequenceState:
+        """Create the generation state of one prefilled request (its first token not yet accepted)."""
+        request = result.request
+        return SequenceState.start(self.tokenizer, request.sampling, self.stop_ids, request.prompt_ids, result.generator)
+
     def decode(self, results: list[PrefillResult]) -> Iterator[TokenEvent]:
         """Decode from prefill results, batching every unfinished sequence into each step."""
-        sequences = [
-            _Sequence(r, TextStream(self.tokenizer, r.request.sampling.stop, r.request.prompt_ids)) for r in results
-        ]
+        sequences = [self.start_sequence(r) for r in results]
         active = []
-        for index, sequence in enumerate(sequences):
-            yield self._accept(index, sequence, sequence.result.first_token)
-            if sequence.finish_reason is None:
+        for index, (sequence, result) in enumerate(zip(sequences, results)):
+            text = sequence.accept(result.first_token)
+            yield TokenEvent(index, result.first_token, text, sequence.finish_reason)
+            if not sequence.finished:
                 active.append(index)
         if not active:
             return
 
-        max_new = max(sequences[i].result.request.sampling.max_tokens for i in active)
-        cache = BatchCache([sequences[i].result.cache for i in active], max_new)
+        cache = BatchCache([results[i].cache for i in active], max(sequences[i].sampling.max_tokens for i in active))
         while active:
-            last = torch.tensor([sequences[i].generated[-1] for i in active])
-            logits = self.decode_step(cache, last)
+            logits = self.decode_step(cache, torch.tensor([sequences[i].last_token for i in active]))
             still_active = []
             for row, index in enumerate(active):
                 sequence = sequences[index]
-                request = sequence.result.request
-                token = sample_token(logits[row], request.sampling, sequence.result.generator)
-                yield self._accept(index, sequence, token)
-                if sequence.finish_reason is None:
+                token = sequence.sample(logits[row])
+                text = sequence.accept(token)
+                yield TokenEvent(index, token, text, sequence.finish_reason)
+                if not sequence.finished:
                     still_active.append(row)
             if len(still_active) < len(active):
                 active = [active[row] for row in still_active]
                 if active:
                     cache.select_rows(still_active)
-
-    def _accept(self, index: int, sequence: _Sequence, token: int) -> TokenEvent:
-        request = sequence.result.request
-        sequence.generated.append(token)
-        if token in self.stop_ids:
-            sequence.finish_reason = "stop"
-            return TokenEvent(index, token, sequence.stream.finish(), "stop")
-
-        text = sequence.stream.push(token)
-        if sequence.stream.stopped:
-            sequence.finish_reason = "stop"
-        elif len(sequence.generated) >= request.sampling.max_tokens:
-            sequence.finish_reason = "length"
-        if sequence.finish_reason is not None:
-            text += sequence.stream.finish()
-        return TokenEvent(index, token, text, sequence.finish_reason)
 
 
 def _group(requests: list[Request]) -> list[list[int]]:

@@ -95,24 +95,28 @@ class BatchCache(Cache):
     """
 
     def __init__(self, prompts: list[PromptCache], max_new_tokens: int):
-        num_layers, num_kv_heads, _, head_dim = prompts[0].keys.shape
         capacity = max(p.kept_length for p in prompts) + max_new_tokens
-        reference = prompts[0].keys
-        shape = (len(prompts), num_kv_heads, capacity, head_dim)
-
-        layers = []
-        for layer_idx in range(num_layers):
-            keys = reference.new_zeros(shape)
-            values = reference.new_zeros(shape)
-            for row, prompt in enumerate(prompts):
-                keys[row, :, : prompt.kept_length] = prompt.keys[layer_idx]
-                values[row, :, : prompt.kept_length] = prompt.values[layer_idx]
-            layers.append(BatchLayer(keys, values, self))
-
+        layers = [BatchLayer(keys, values, self) for keys, values in _fill_rows(prompts, capacity)]
         super().__init__(layers=layers)
-        self.lengths = torch.tensor([p.kept_length for p in prompts], device=reference.device)
-        self.positions = torch.tensor([p.prompt_length for p in prompts], device=reference.device)
+        device = prompts[0].keys.device
+        self.lengths = torch.tensor([p.kept_length for p in prompts], device=device)
+        self.positions = torch.tensor([p.prompt_length for p in prompts], device=device)
         self._max_length = int(self.lengths.max())
+
+    def add_rows(self, prompts: list[PromptCache], max_new_tokens: int) -> None:
+        """Append sequences as new rows (between steps), growing the capacity if they need more."""
+        capacity = max(self.capacity, max(p.kept_length for p in prompts) + max_new_tokens)
+        for layer, (new_keys, new_values) in zip(self.layers, _fill_rows(prompts, capacity)):
+            layer.keys = torch.cat([_pad_capacity(layer.keys, capacity), new_keys])
+            layer.values = torch.cat([_pad_capacity(layer.values, capacity), new_values])
+        device = self.lengths.device
+        self.lengths = torch.cat([self.lengths, torch.tensor([p.kept_length for p in prompts], device=device)])
+        self.positions = torch.cat([self.positions, torch.tensor([p.prompt_length for p in prompts], device=device)])
+        self._max_length = int(self.lengths.max())
+
+    @property
+    def batch_size(self) -> int:
+        return self.lengths.shape[0]
 
     @property
     def step_kv_len(self) -> int:
@@ -152,3 +156,24 @@ class BatchCache(Cache):
         self.lengths = self.lengths.index_select(0, index)
         self.positions = self.positions.index_select(0, index)
         self._max_length = int(self.lengths.max())
+
+
+def _fill_rows(prompts: list[PromptCache], capacity: int):
+    """Yield per layer the keys and values [len(prompts), num_kv_heads, capacity, head_dim] of the prompts."""
+    num_layers, num_kv_heads, _, head_dim = prompts[0].keys.shape
+    shape = (len(prompts), num_kv_heads, capacity, head_dim)
+    for layer_idx in range(num_layers):
+        keys = prompts[0].keys.new_zeros(shape)
+        values = prompts[0].values.new_zeros(shape)
+        for row, prompt in enumerate(prompts):
+            keys[row, :, : prompt.kept_length] = prompt.keys[layer_idx]
+            values[row, :, : prompt.kept_length] = prompt.values[layer_idx]
+        yield keys, values
+
+
+def _pad_capacity(states: torch.Tensor, capacity: int) -> torch.Tensor:
+    batch, num_kv_heads, current, head_dim = states.shape
+    if current == capacity:
+        return states
+    padding = states.new_zeros((batch, num_kv_heads, capacity - current, head_dim))
+    return torch.cat([states, padding], dim=2)

@@ -1,0 +1,1 @@
+"""Decode worker: receives compressed prompt caches over gRPC, batches decoding across requests, streams tokens."""
