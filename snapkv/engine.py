@@ -141,6 +141,9 @@ class Engine:
             input_ids[b, max_len - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
             attention_mask[b, max_len - len(prompt) :] = 1
         position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+        if all(len(p) == max_len for p in prompts):
+            # Without padding no mask is needed, and sdpa can then run its faster causal kernel.
+            return input_ids.to(self.device), None, position_ids.to(self.device)
         return input_ids.to(self.device), attention_mask.to(self.device), position_ids.to(self.device)
 
     @torch.inference_mode()
