@@ -1,18 +1,20 @@
 """Conversions between the core's value types and their proto messages, and the model fingerprint.
 
-Every `*_from_proto` function raises `ValueError` naming the field and the value when a message holds
-something the core rejects, so a servicer can map it to INVALID_ARGUMENT.
+Every `*_from_proto` function raises `ValueError` naming the field and the value when a message contains
+a value the core rejects, so a servicer can map it to INVALID_ARGUMENT.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-
-from transformers import PreTrainedModel
+from typing import TYPE_CHECKING
 
 from snapkv.config import CompressionConfig, SamplingParams
 from snapkv.proto import serving_pb2 as pb
+
+if TYPE_CHECKING:  # the router uses this module without loading transformers and torch
+    from transformers import PreTrainedModel
 
 POOLING_TO_PROTO = {"max": pb.POOLING_MAX, "avg": pb.POOLING_AVG}
 POOLING_FROM_PROTO = {value: name for name, value in POOLING_TO_PROTO.items()}

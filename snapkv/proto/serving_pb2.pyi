@@ -41,7 +41,7 @@ class ChecksumAlgorithm(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 class ScaleLayout(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     SCALE_LAYOUT_NONE: _ClassVar[ScaleLayout]
-    SCALE_LAYOUT_PER_TOKEN_HEAD_FP32: _ClassVar[ScaleLayout]
+    SCALE_LAYOUT_KEY_CHANNEL_VALUE_TOKEN_FP32: _ClassVar[ScaleLayout]
 POOLING_UNSPECIFIED: Pooling
 POOLING_MAX: Pooling
 POOLING_AVG: Pooling
@@ -59,7 +59,7 @@ FINISH_REASON_LENGTH: FinishReason
 CHECKSUM_ALGORITHM_UNSPECIFIED: ChecksumAlgorithm
 CHECKSUM_ALGORITHM_CRC32C: ChecksumAlgorithm
 SCALE_LAYOUT_NONE: ScaleLayout
-SCALE_LAYOUT_PER_TOKEN_HEAD_FP32: ScaleLayout
+SCALE_LAYOUT_KEY_CHANNEL_VALUE_TOKEN_FP32: ScaleLayout
 
 class SamplingParams(_message.Message):
     __slots__ = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
@@ -248,7 +248,7 @@ class PrefillResponse(_message.Message):
     def __init__(self, handle: _Optional[str] = ..., first_token_id: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., kept_tokens: _Optional[int] = ..., kv_bytes_full: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., queue_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., transfer_s: _Optional[float] = ...) -> None: ...
 
 class KVHeader(_message.Message):
-    __slots__ = ("format_version", "model", "request_id", "prompt_length", "kept_lengths", "wire_dtype", "scale_layout", "compression", "payload_bytes", "checksum_algorithm", "num_chunks", "chunk_bytes", "first_token_id", "sampling")
+    __slots__ = ("format_version", "model", "request_id", "prompt_length", "kept_lengths", "wire_dtype", "scale_layout", "compression", "payload_bytes", "checksum_algorithm", "num_chunks", "chunk_bytes", "first_token_id", "sampling", "context_token_ids")
     FORMAT_VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -263,6 +263,7 @@ class KVHeader(_message.Message):
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     format_version: int
     model: ModelFingerprint
     request_id: str
@@ -277,7 +278,8 @@ class KVHeader(_message.Message):
     chunk_bytes: int
     first_token_id: int
     sampling: SamplingParams
-    def __init__(self, format_version: _Optional[int] = ..., model: _Optional[_Union[ModelFingerprint, _Mapping]] = ..., request_id: _Optional[str] = ..., prompt_length: _Optional[int] = ..., kept_lengths: _Optional[_Iterable[int]] = ..., wire_dtype: _Optional[_Union[WireDtype, str]] = ..., scale_layout: _Optional[_Union[ScaleLayout, str]] = ..., compression: _Optional[_Union[Compression, _Mapping]] = ..., payload_bytes: _Optional[int] = ..., checksum_algorithm: _Optional[_Union[ChecksumAlgorithm, str]] = ..., num_chunks: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., first_token_id: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ...) -> None: ...
+    context_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, format_version: _Optional[int] = ..., model: _Optional[_Union[ModelFingerprint, _Mapping]] = ..., request_id: _Optional[str] = ..., prompt_length: _Optional[int] = ..., kept_lengths: _Optional[_Iterable[int]] = ..., wire_dtype: _Optional[_Union[WireDtype, str]] = ..., scale_layout: _Optional[_Union[ScaleLayout, str]] = ..., compression: _Optional[_Union[Compression, _Mapping]] = ..., payload_bytes: _Optional[int] = ..., checksum_algorithm: _Optional[_Union[ChecksumAlgorithm, str]] = ..., num_chunks: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., first_token_id: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., context_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class KVChunk(_message.Message):
     __slots__ = ("index", "payload", "checksum")
