@@ -19,6 +19,8 @@ from snapkv.config import POOLING_KINDS, CompressionConfig, SamplingParams
 logger = logging.getLogger("snapkv_serve")
 
 CACHE_DIR_VARIABLE = "SNAPKV_CACHE_DIR"
+DEFAULT_MODEL_SPEC = "embedded:smollm2-135m-instruct"  # snapkv.model.DEFAULT_MODEL, without importing torch
+WIRE_DTYPES = ("fp16", "bf16", "int8", "fp32")
 
 
 @dataclass
@@ -42,7 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     generate = commands.add_parser("generate", help="generate an answer for one prompt")
-    generate.add_argument("--local", action="store_true", required=True, help="run the model in this process")
+    where = generate.add_mutually_exclusive_group(required=True)
+    where.add_argument("--local", action="store_true", help="run the model in this process")
+    where.add_argument("--target", metavar="HOST:PORT", help="send the request to a running router")
+    generate.add_argument("--wire-dtype", choices=WIRE_DTYPES, default="fp16", help="KV dtype from prefill to decode (--target)")
+    generate.add_argument("--timeout", type=float, default=None, help="deadline for the whole request in seconds (--target)")
     source = generate.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="prompt text")
     source.add_argument("--prompt-file", type=Path, help="read the prompt from this UTF-8 file")
@@ -63,7 +69,40 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     generate.add_argument("--raw", action="store_true", help="send the text as is, without the chat template")
     generate.add_argument("--json", action="store_true", help="print one JSON object with the answer and figures")
+
+    add_service_commands(commands)
     return parser
+
+
+def add_service_commands(commands) -> None:
+    def service(name: str, help_text: str, port: int) -> argparse.ArgumentParser:
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+        command.add_argument("--port", type=int, default=port, help=f"gRPC port (default {port})")
+        command.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
+        command.add_argument("--model", default=DEFAULT_MODEL_SPEC, help="Hugging Face id, local path, or tiny-llama for tests")
+        command.add_argument("--cache-dir", type=Path, default=None, help=f"folder for converted weights (${CACHE_DIR_VARIABLE})")
+        return command
+
+    decode = service("decode", "run a decode worker", 50053)
+    decode.add_argument("--kv-budget-mib", type=int, default=2048, help="KV memory the worker may reserve, in MiB")
+    decode.add_argument("--lease-s", type=float, default=30.0, help="seconds a loaded cache waits for its stream")
+    decode.add_argument("--max-batch-size", type=int, default=32, help="sequences decoded together at most")
+
+    prefill = service("prefill", "run a prefill server and its Ray actors", 50052)
+    prefill.add_argument("--actors", type=int, default=1, help="number of Ray prefill actors")
+    prefill.add_argument("--cpus-per-actor", type=int, default=os.cpu_count() or 1, help="CPU cores per actor (CPU only)")
+
+    router = service("router", "run the client-facing router", 50051)
+    router.add_argument("--prefill", action="append", required=True, metavar="HOST:PORT", help="prefill server (repeatable)")
+    router.add_argument("--decode", action="append", required=True, metavar="HOST:PORT", help="decode worker (repeatable)")
+    router.add_argument("--policy", choices=("round_robin", "least_loaded", "kv_aware"), default="least_loaded")
+
+    up = commands.add_parser("up", help="run router, prefill (local Ray) and decode on this machine, on loopback")
+    up.add_argument("--port", type=int, default=50051, help="router port (default 50051)")
+    up.add_argument("--metrics-port", type=int, default=9400, help="first of three metrics ports (decode, prefill, router)")
+    up.add_argument("--model", default=DEFAULT_MODEL_SPEC, help="Hugging Face id, local path, or tiny-llama for tests")
+    up.add_argument("--cache-dir", type=Path, default=None, help=f"folder for converted weights (${CACHE_DIR_VARIABLE})")
 
 
 def read_prompt(args: argparse.Namespace) -> str:
@@ -98,8 +137,7 @@ def run_generate_local(args: argparse.Namespace) -> int:
     from snapkv.model import DEFAULT_MODEL, load_model
     from snapkv.text import prompt_ids
 
-    cache_dir = args.cache_dir or (Path(os.environ[CACHE_DIR_VARIABLE]) if os.environ.get(CACHE_DIR_VARIABLE) else None)
-    engine = Engine(load_model(args.model or DEFAULT_MODEL, cache_dir=cache_dir))
+    engine = Engine(load_model(args.model or DEFAULT_MODEL, cache_dir=args.cache_dir))
 
     start = time.perf_counter()
     request = Request("local", tuple(prompt_ids(engine.tokenizer, prompt, raw=args.raw)), sampling, compression)
@@ -150,8 +188,10 @@ def format_figures(summary: Summary) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if getattr(args, "cache_dir", None) is None and os.environ.get(CACHE_DIR_VARIABLE):
+        args.cache_dir = Path(os.environ[CACHE_DIR_VARIABLE])
     try:
-        return run_generate_local(args)
+        return dispatch(args)
     except KeyboardInterrupt:
         print("snapkv-serve: interrupted", file=sys.stderr)
         return 130
@@ -161,6 +201,20 @@ def main(argv: list[str] | None = None) -> int:
         logger.debug("unexpected failure", exc_info=True)
         report_error(f"{type(error).__name__}: {error} (rerun with --log-level DEBUG for the traceback)")
     return 1
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    from snapkv import cli_services
+
+    if args.command == "generate":
+        return run_generate_local(args) if args.local else cli_services.run_generate_target(args)
+    handlers = {
+        "decode": cli_services.run_decode,
+        "prefill": cli_services.run_prefill,
+        "router": cli_services.run_router,
+        "up": cli_services.run_up,
+    }
+    return handlers[args.command](args)
 
 
 def report_error(message: str) -> None:

@@ -77,6 +77,15 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     partial.rename(target)
 
 
+def converted_folder(cache_dir: Path | None = None) -> Path:
+    """Return the folder of the converted embedded model, converting the GGUF file on first use."""
+    gguf = embedded_gguf_path()
+    folder = (cache_dir or default_cache_dir()) / f"smollm2-135m-instruct-{_fingerprint(gguf)}"
+    if not folder.is_dir():
+        _convert_gguf(gguf, folder)
+    return folder
+
+
 def load_model(
     name: str = DEFAULT_MODEL,
     cache_dir: Path | None = None,
@@ -90,12 +99,7 @@ def load_model(
     local Hugging Face cache or HF_HUB_OFFLINE=1 is set). `cache_dir` keeps the converted default model.
     """
     if name == DEFAULT_MODEL:
-        gguf = embedded_gguf_path()
-        cache_dir = cache_dir or default_cache_dir()
-        folder = cache_dir / f"smollm2-135m-instruct-{_fingerprint(gguf)}"
-        if not folder.is_dir():
-            _convert_gguf(gguf, folder)
-        source = str(folder)
+        source = str(converted_folder(cache_dir))
     else:
         source = name
 
@@ -116,3 +120,26 @@ def load_model(
 def default_cache_dir() -> Path:
     """Return where converted weights are kept unless the caller names a folder."""
     return Path.home() / ".cache" / "snapkv-serve"
+
+
+TINY_PREFIX = "tiny-"
+
+
+def resolve_model(spec: str, cache_dir: Path | None = None) -> LoadedModel:
+    """Load a model from a command-line spec: `tiny-<family>` builds a random-weight test model."""
+    if spec.startswith(TINY_PREFIX):
+        from snapkv.tiny_models import tiny_model  # imported late: tiny_models imports this module
+
+        return tiny_model(spec.removeprefix(TINY_PREFIX))
+    return load_model(spec, cache_dir=cache_dir)
+
+
+def resolve_tokenizer(spec: str, cache_dir: Path | None = None) -> PreTrainedTokenizerBase:
+    """Load only the tokenizer of a model spec (converting the embedded model first if needed)."""
+    if spec.startswith(TINY_PREFIX):
+        from snapkv.tiny_models import byte_tokenizer
+
+        return byte_tokenizer()
+    if spec == DEFAULT_MODEL:
+        spec = str(converted_folder(cache_dir))
+    return AutoTokenizer.from_pretrained(spec)
