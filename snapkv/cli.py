@@ -23,6 +23,10 @@ DEFAULT_MODEL_SPEC = "embedded:smollm2-135m-instruct"  # snapkv.model.DEFAULT_MO
 WIRE_DTYPES = ("fp16", "bf16", "int8", "fp32")
 
 
+class CommandError(Exception):
+    """A failure to report as one line (for example a gRPC status from the router)."""
+
+
 @dataclass
 class Summary:
     """The figures `generate --json` prints, one object per request."""
@@ -47,31 +51,39 @@ def build_parser() -> argparse.ArgumentParser:
     where = generate.add_mutually_exclusive_group(required=True)
     where.add_argument("--local", action="store_true", help="run the model in this process")
     where.add_argument("--target", metavar="HOST:PORT", help="send the request to a running router")
-    generate.add_argument("--wire-dtype", choices=WIRE_DTYPES, default="fp16", help="KV dtype from prefill to decode (--target)")
-    generate.add_argument("--timeout", type=float, default=None, help="deadline for the whole request in seconds (--target)")
-    source = generate.add_mutually_exclusive_group(required=True)
-    source.add_argument("--prompt", help="prompt text")
-    source.add_argument("--prompt-file", type=Path, help="read the prompt from this UTF-8 file")
-    generate.add_argument("--question", help="text appended after the prompt, separated by a blank line")
-    generate.add_argument("--model", default=None, help="Hugging Face id or local path (default: embedded SmolLM2-135M)")
-    generate.add_argument("--cache-dir", type=Path, default=None, help=f"folder for converted weights (${CACHE_DIR_VARIABLE})")
-    budget = generate.add_mutually_exclusive_group()
-    budget.add_argument("--budget", type=int, default=CompressionConfig.budget, help="kept tokens, window included")
-    budget.add_argument("--no-compress", action="store_true", help="keep the full prompt cache")
-    generate.add_argument("--window", type=int, default=CompressionConfig.window, help="observation window in tokens")
-    generate.add_argument("--kernel", type=int, default=CompressionConfig.kernel, help="pooling kernel, odd")
-    generate.add_argument("--pooling", choices=POOLING_KINDS, default=CompressionConfig.pooling)
-    generate.add_argument("--max-tokens", type=int, default=SamplingParams.max_tokens, help="maximum generated tokens")
-    generate.add_argument("--temperature", type=float, default=0.0, help="0 decodes greedily")
-    generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold in (0, 1]")
-    generate.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens; 0 disables")
-    generate.add_argument("--seed", type=int, default=None, help="seed for repeatable sampling")
-    generate.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    generate.add_argument("--raw", action="store_true", help="send the text as is, without the chat template")
-    generate.add_argument("--json", action="store_true", help="print one JSON object with the answer and figures")
+    add_generation_options(generate)
+
+    demo = commands.add_parser("demo", help="start the stack, send one request through the router, stop")
+    add_generation_options(demo)
 
     add_service_commands(commands)
     return parser
+
+
+def add_generation_options(command: argparse.ArgumentParser) -> None:
+    """Add the prompt, model, compression and sampling options shared by `generate` and `demo`."""
+    command.add_argument("--wire-dtype", choices=WIRE_DTYPES, default="fp16", help="KV dtype from prefill to decode (--target)")
+    command.add_argument("--timeout", type=float, default=None, help="deadline for the whole request in seconds (--target)")
+    source = command.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="prompt text")
+    source.add_argument("--prompt-file", type=Path, help="read the prompt from this UTF-8 file")
+    command.add_argument("--question", help="text appended after the prompt, separated by a blank line")
+    command.add_argument("--model", default=None, help="Hugging Face id, local path, or tiny-llama for tests (default: embedded SmolLM2-135M)")
+    command.add_argument("--cache-dir", type=Path, default=None, help=f"folder for converted weights (${CACHE_DIR_VARIABLE})")
+    budget = command.add_mutually_exclusive_group()
+    budget.add_argument("--budget", type=int, default=CompressionConfig.budget, help="kept tokens, window included")
+    budget.add_argument("--no-compress", action="store_true", help="keep the full prompt cache")
+    command.add_argument("--window", type=int, default=CompressionConfig.window, help="observation window in tokens")
+    command.add_argument("--kernel", type=int, default=CompressionConfig.kernel, help="pooling kernel, odd")
+    command.add_argument("--pooling", choices=POOLING_KINDS, default=CompressionConfig.pooling)
+    command.add_argument("--max-tokens", type=int, default=SamplingParams.max_tokens, help="maximum generated tokens")
+    command.add_argument("--temperature", type=float, default=0.0, help="0 decodes greedily")
+    command.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold in (0, 1]")
+    command.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens; 0 disables")
+    command.add_argument("--seed", type=int, default=None, help="seed for repeatable sampling")
+    command.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    command.add_argument("--raw", action="store_true", help="send the text as is, without the chat template")
+    command.add_argument("--json", action="store_true", help="print one JSON object with the answer and figures")
 
 
 def add_service_commands(commands) -> None:
@@ -134,10 +146,10 @@ def run_generate_local(args: argparse.Namespace) -> int:
 
     # Imported only now, so that `--help` and invalid arguments do not pay for importing torch.
     from snapkv.engine import Engine, Request
-    from snapkv.model import DEFAULT_MODEL, load_model
+    from snapkv.model import resolve_model
     from snapkv.text import prompt_ids
 
-    engine = Engine(load_model(args.model or DEFAULT_MODEL, cache_dir=args.cache_dir))
+    engine = Engine(resolve_model(args.model or DEFAULT_MODEL_SPEC, cache_dir=args.cache_dir))
 
     start = time.perf_counter()
     request = Request("local", tuple(prompt_ids(engine.tokenizer, prompt, raw=args.raw)), sampling, compression)
@@ -197,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (ValueError, OSError) as error:
         report_error(str(error))
+    except CommandError as error:
+        report_error(str(error))
     except Exception as error:  # a bug or a library failure: still one line, with the type for a bug report
         logger.debug("unexpected failure", exc_info=True)
         report_error(f"{type(error).__name__}: {error} (rerun with --log-level DEBUG for the traceback)")
@@ -206,13 +220,16 @@ def main(argv: list[str] | None = None) -> int:
 def dispatch(args: argparse.Namespace) -> int:
     from snapkv import cli_services
 
+    if args.command == "generate" and args.local:
+        return run_generate_local(args)
     if args.command == "generate":
-        return run_generate_local(args) if args.local else cli_services.run_generate_target(args)
+        return cli_services.run_generate_target(args)
     handlers = {
         "decode": cli_services.run_decode,
         "prefill": cli_services.run_prefill,
         "router": cli_services.run_router,
         "up": cli_services.run_up,
+        "demo": cli_services.run_demo,
     }
     return handlers[args.command](args)
 

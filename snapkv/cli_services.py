@@ -121,23 +121,79 @@ def wait_healthy(name: str, address: str, process: subprocess.Popen, timeout_s: 
     raise TimeoutError(f"{address} did not become healthy within {timeout_s:.0f} s")
 
 
-def run_up(args: argparse.Namespace) -> int:
-    """Start decode, prefill and router as child processes on loopback; stop them all on SIGINT/SIGTERM."""
-    decode_port, prefill_port = free_port(), free_port()
-    common = ["--model", args.model]
-    if args.cache_dir:
-        common += ["--cache-dir", str(args.cache_dir)]
-    metrics = {"decode": args.metrics_port, "prefill": args.metrics_port + 1, "router": args.metrics_port + 2}
-    commands = {
-        "decode": ["decode", "--port", str(decode_port), "--metrics-port", str(metrics["decode"])],
-        "prefill": ["prefill", "--port", str(prefill_port), "--metrics-port", str(metrics["prefill"])],
-        "router": [
-            "router", "--port", str(args.port), "--metrics-port", str(metrics["router"]),
-            "--prefill", f"{LOOPBACK}:{prefill_port}", "--decode", f"{LOOPBACK}:{decode_port}",
-        ],
-    }
-    addresses = {"decode": decode_port, "prefill": prefill_port, "router": args.port}
+class LocalStack:
+    """Decode, prefill and router as child processes of this one, on loopback.
 
+    Each service starts only after the previous one reports SERVING over grpc.health.v1. `stop()`
+    sends SIGTERM to all (router first) and kills any still running 15 s later.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        router_port: int = 0,
+        metrics_port: int | None = None,
+        cache_dir=None,
+        log_level: str = "WARNING",
+        decode_options: tuple[str, ...] = (),
+    ):
+        self.ports = {"decode": free_port(), "prefill": free_port(), "router": router_port or free_port()}
+        self.metrics_ports = (
+            {} if metrics_port is None else {name: metrics_port + i for i, name in enumerate(self.ports)}
+        )
+        common = ["--model", model] + (["--cache-dir", str(cache_dir)] if cache_dir else [])
+        self.commands = {
+            "decode": ["decode", *decode_options],
+            "prefill": ["prefill"],
+            "router": ["router", "--prefill", self.address("prefill"), "--decode", self.address("decode")],
+        }
+        for name, command in self.commands.items():
+            command += ["--port", str(self.ports[name]), *common]
+            if name in self.metrics_ports:
+                command += ["--metrics-port", str(self.metrics_ports[name])]
+        self.log_level = log_level
+        self.processes: dict[str, subprocess.Popen] = {}
+
+    def address(self, name: str) -> str:
+        return f"{LOOPBACK}:{self.ports[name]}"
+
+    def start(self, timeout_s: float = STARTUP_TIMEOUT_S) -> "LocalStack":
+        for name in self.commands:
+            self.start_one(name, timeout_s)
+        return self
+
+    def start_one(self, name: str, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+        """Start (or restart) one service on its port and wait until it is healthy."""
+        argv = [sys.executable, "-m", "snapkv.cli", "--log-level", self.log_level, *self.commands[name]]
+        self.processes[name] = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+        wait_healthy(name, self.address(name), self.processes[name], timeout_s)
+
+    def check_running(self) -> None:
+        for name, process in self.processes.items():
+            if process.poll() is not None:
+                raise RuntimeError(f"{name} exited with status {process.returncode}")
+
+    def stop(self) -> None:
+        for process in reversed(list(self.processes.values())):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for name, process in self.processes.items():
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                logger.warning("%s did not stop within 15 s; killing it", name)
+                process.kill()
+                process.wait()
+
+    def __enter__(self) -> "LocalStack":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+
+def run_up(args: argparse.Namespace) -> int:
+    """Start decode, prefill and router on loopback; stop them all on SIGINT or SIGTERM."""
     stopping = False
 
     def request_stop(signum, frame):
@@ -147,33 +203,91 @@ def run_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
 
-    children: dict[str, subprocess.Popen] = {}
-    try:
-        for name, command in commands.items():
-            argv = [sys.executable, "-m", "snapkv.cli", "--log-level", args.log_level, *command, *common]
-            children[name] = subprocess.Popen(argv)
-            wait_healthy(name, f"{LOOPBACK}:{addresses[name]}", children[name], STARTUP_TIMEOUT_S)
-        for name, port in metrics.items():
+    with LocalStack(args.model, args.port, args.metrics_port, args.cache_dir, args.log_level) as stack:
+        stack.start()
+        for name, port in stack.metrics_ports.items():
             print(f"{name} metrics on http://{LOOPBACK}:{port}/metrics", flush=True)
-        print(f"SnapKV Serve is up: router at {LOOPBACK}:{args.port}", flush=True)
+        print(f"SnapKV Serve is up: router at {stack.address('router')}", flush=True)
         while not stopping:
-            for name, child in children.items():
-                if child.poll() is not None:
-                    raise RuntimeError(f"{name} exited with status {child.returncode}")
+            stack.check_running()
             time.sleep(0.2)
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """Start the stack, send one request through the router, print the answer and figures, stop."""
+    from snapkv.cli import DEFAULT_MODEL_SPEC
+
+    with LocalStack(args.model or DEFAULT_MODEL_SPEC, 0, None, args.cache_dir, args.log_level) as stack:
+        print("starting decode, prefill (Ray) and router on loopback ...", file=sys.stderr, flush=True)
+        stack.start()
+        args.target = stack.address("router")
+        print(f"asking the router at {args.target}\n", file=sys.stderr, flush=True)
+        return run_generate_target(args)
+
+
+def run_generate_target(args: argparse.Namespace) -> int:
+    """Send one request to a router, streaming the answer (or printing one JSON object with --json)."""
+    import json
+
+    from router.client import SnapKVError
+    from snapkv.cli import CommandError, format_figures
+
+    pieces: list[str] = []
+    try:
+        summary = _stream_from_router(args, pieces)
+    except SnapKVError as error:
+        raise CommandError(f"request to {args.target} failed with {error}") from error
+
+    figures = {
+        "prompt_tokens": summary.prompt_tokens,
+        "kept_tokens": summary.kept_tokens,
+        "compression_ratio": round(summary.compression_ratio, 4),
+        "kv_bytes_full": summary.kv_bytes_full,
+        # Kept positions in the model's dtype: the full size scaled by kept / prompt tokens.
+        "kv_bytes_kept": summary.kv_bytes_full * summary.kept_tokens // max(summary.prompt_tokens, 1),
+        "ttft_s": round(summary.ttft_s, 4),
+        "tpot_s": round(summary.tpot_s, 4) if summary.completion_tokens > 1 else None,
+        "finish_reason": summary.finish_reason,
+        "text": "".join(pieces),
+        "kv_bytes_sent": summary.kv_bytes_sent,
+        "wire_dtype": summary.wire_dtype,
+    }
+    if args.json:
+        print(json.dumps(figures))
         return 0
-    finally:
-        _stop_children(children)
+
+    print()
+    transfer = (
+        f"sent {summary.kv_bytes_sent / 2**20:.2f} MiB as {summary.wire_dtype}; "
+        f"prefill {summary.prefill_s:.2f} s, transfer {summary.transfer_s:.3f} s"
+    )
+    print(f"{format_figures(argparse.Namespace(**figures))}; {transfer}", file=sys.stderr)
+    return 0
 
 
-def _stop_children(children: dict[str, subprocess.Popen]) -> None:
-    for child in reversed(list(children.values())):
-        if child.poll() is None:
-            child.send_signal(signal.SIGTERM)
-    for name, child in children.items():
-        try:
-            child.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            logger.warning("%s did not stop within 15 s; killing it", name)
-            child.kill()
-            child.wait()
+def _stream_from_router(args: argparse.Namespace, pieces: list[str]):
+    """Stream one request; append each text delta to `pieces` (and stdout unless --json); return the summary."""
+    from router.client import SnapKVClient, Summary
+    from snapkv.cli import read_prompt
+
+    if args.no_compress:
+        compression = {"no_compress": True}
+    else:
+        compression = {"budget": args.budget, "window": args.window, "kernel": args.kernel, "pooling": args.pooling}
+    summary = None
+    with SnapKVClient(args.target, timeout_s=args.timeout) as client:
+        items = client.generate(
+            read_prompt(args), raw=args.raw, max_tokens=args.max_tokens, temperature=args.temperature,
+            top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop, wire_dtype=args.wire_dtype,
+            **compression,
+        )
+        for item in items:
+            if isinstance(item, Summary):
+                summary = item
+                continue
+            pieces.append(item.text)
+            if not args.json and item.text:
+                sys.stdout.write(item.text)
+                sys.stdout.flush()
+    return summary
