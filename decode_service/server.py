@@ -191,8 +191,8 @@ async def serve(
         raise OSError(f"could not bind the decode server to {address}")
 
     scheduler.start()
-    await server.start()
     await add_health_and_reflection(server, [SERVICE_NAME])
+    await server.start()
     servicer.lease_task = asyncio.create_task(expire_leases(loaded, min(1.0, lease_s / 4), metrics))
     logger.info(
         "decode worker serving %s on port %d: kv budget %d bytes, lease %.1f s, max batch %d",

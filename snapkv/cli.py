@@ -103,7 +103,7 @@ def add_service_commands(commands) -> None:
 
     prefill = service("prefill", "run a prefill server and its Ray actors", 50052)
     prefill.add_argument("--actors", type=int, default=1, help="number of Ray prefill actors")
-    prefill.add_argument("--cpus-per-actor", type=int, default=os.cpu_count() or 1, help="CPU cores per actor (CPU only)")
+    prefill.add_argument("--cpus-per-actor", type=int, default=None, help="CPU cores per actor (default: the cores shared among the actors)")
 
     router = service("router", "run the client-facing router", 50051)
     router.add_argument("--prefill", action="append", required=True, metavar="HOST:PORT", help="prefill server (repeatable)")

@@ -57,6 +57,11 @@ def run_decode(args: argparse.Namespace) -> int:
 
 
 def run_prefill(args: argparse.Namespace) -> int:
+    # Ray reads these settings once, at its first import, so they are applied before anything imports it.
+    from prefill_service.local_ray import apply_local_ray_environment
+
+    apply_local_ray_environment()
+    from prefill_service.metrics import PrefillMetrics
     from prefill_service.server import serve
     from snapkv.serving import serve_until_signal
 
@@ -64,10 +69,11 @@ def run_prefill(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         server, port = await serve(
-            args.model, f"{args.host}:{args.port}", num_actors=args.actors, cpus_per_actor=args.cpus_per_actor
+            args.model, f"{args.host}:{args.port}", num_actors=args.actors, cpus_per_actor=args.cpus_per_actor,
+            cache_dir=args.cache_dir, metrics=PrefillMetrics(args.model, worker_name(args.port)),
         )
         print(f"prefill server listening on {args.host}:{port}", flush=True)
-        await serve_until_signal(server, getattr(server, "shutdown_actors", None))
+        await serve_until_signal(server, server.shutdown_actors)
 
     asyncio.run(main())
     return 0
