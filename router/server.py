@@ -1,0 +1,320 @@
+"""Router gRPC server: the client's only endpoint, in front of the prefill and decode pools.
+
+For each Generate call the router tokenizes the prompt, picks a prefill worker and a decode worker
+together, and calls Prefill with the decode worker's address. Prefill pushes the compressed KV cache
+straight to that decode worker and returns the first token, which the router sends to the client at
+once. The router then streams the rest from Decode.Stream and ends with one Final message.
+
+Failures:
+- Before the first token, a Prefill call that fails with UNAVAILABLE, RESOURCE_EXHAUSTED or CANCELLED
+  (the worker or its decode worker is gone or full) is retried once. The retry avoids both workers of
+  the failed attempt where the pool has another healthy one, and it is skipped when neither pool has.
+- After the first token, a failure ends the call with UNAVAILABLE, DEADLINE_EXCEEDED or ABORTED and a
+  message stating that the output is incomplete. A stream that ends without a finish reason is ABORTED.
+- A client that cancels cancels the Prefill or Stream call in flight, and the client's deadline
+  becomes the timeout of each outgoing call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from transformers import PreTrainedTokenizerBase
+
+from router.policies import POLICIES
+from router.registry import DECODE, PREFILL, RegistryConfig, Worker, WorkerRegistry
+from router.requests import RequestTrace, RoutedRequest, final_message, log_finished, parse_request
+from snapkv.messages import sampling_to_proto
+from snapkv.proto import serving_pb2 as pb
+from snapkv.proto import serving_pb2_grpc as pb_grpc
+from snapkv.text import TextStream, stop_token_ids
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Router"].full_name
+PREFILL_POLICIES = ("least_loaded", "round_robin")
+MAX_PREFILL_ATTEMPTS = 2  # the first call and one retry
+RETRYABLE_PREFILL_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED)
+
+# The task that closes each server's worker registry once the server stops. It also keeps the task
+# alive, because asyncio keeps only weak references to tasks.
+_REGISTRY_CLOSERS: dict[grpc.aio.Server, asyncio.Task] = {}
+
+
+class RouteError(Exception):
+    """A request failure with the status code and message that the client receives."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _remaining_s(context: grpc.aio.ServicerContext) -> float | None:
+    """Return the time left before the client's deadline, or None without one."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        raise RouteError(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed")
+    return remaining
+
+
+class RouterServicer(pb_grpc.RouterServicer):
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        registry: WorkerRegistry,
+        policy: str,
+        prefill_policy: str,
+        max_context: int | None,
+    ):
+        self.tokenizer = tokenizer
+        self.registry = registry
+        self.decode_policy = POLICIES[policy]
+        self.prefill_policy = POLICIES[prefill_policy]
+        self.max_context = max_context
+        self.stop_ids = stop_token_ids(tokenizer, ())
+
+    async def Generate(self, request, context):
+        # Written with context.write rather than as an async generator, so that a client's
+        # cancellation raises CancelledError here at once, wherever the call waits, and the finally
+        # blocks below cancel the upstream calls.
+        trace = RequestTrace()
+        try:
+            try:
+                routed = parse_request(request, self.tokenizer, self.max_context)
+            except ValueError as error:
+                raise RouteError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from error
+            trace.request_id = routed.request_id
+            trace.prompt_tokens = len(routed.prompt_ids)
+            await self._generate(routed, trace, context)
+            trace.status = grpc.StatusCode.OK.name
+        except RouteError as error:
+            trace.status, trace.error = error.code.name, error.message
+            await context.abort(error.code, error.message)
+        except asyncio.CancelledError:
+            trace.status = grpc.StatusCode.CANCELLED.name
+            raise
+        except Exception as error:
+            # grpc logs the traceback and sends UNKNOWN to the client.
+            trace.error = f"unexpected error {error!r}"
+            raise
+        finally:
+            log_finished(trace)
+
+    async def _generate(self, routed: RoutedRequest, trace: RequestTrace, context) -> None:
+        reply, decode = await self._prefill(routed, context)
+        try:
+            trace.prefill = reply
+            await context.write(pb.GenerateResponse(delta=self._first_delta(routed, reply, trace)))
+            if reply.handle:
+                await self._relay(decode, reply.handle, trace, context)
+        finally:
+            self.registry.release(decode)
+        await context.write(pb.GenerateResponse(final=final_message(trace, routed.wire_dtype)))
+
+    def _first_delta(self, routed: RoutedRequest, reply: pb.PrefillResponse, trace: RequestTrace) -> pb.TextDelta:
+        """Detokenize the first token, and set the finish reason when prefill finished the request with it."""
+        token = reply.first_token_id
+        text = TextStream(self.tokenizer, stop=routed.sampling.stop, context_ids=routed.prompt_ids)
+        if token in self.stop_ids:
+            # The decode worker does the same: an end-of-sequence token adds no text.
+            delta = text.finish()
+        else:
+            delta = text.push(token)
+        if not reply.handle:
+            # With no handle, prefill finished the request at this token and says why.
+            delta += text.finish()
+            trace.finish_reason = reply.finish_reason
+        trace.add_tokens(1)
+        return pb.TextDelta(text=delta, token_ids=[token])
+
+    async def _prefill(self, routed: RoutedRequest, context) -> tuple[pb.PrefillResponse, Worker]:
+        """Run Prefill, retrying once on other workers; return the reply and the acquired decode worker."""
+        failed_prefill: set[str] = set()
+        failed_decode: set[str] = set()
+        for attempt in range(1, MAX_PREFILL_ATTEMPTS + 1):
+            prefill, decode = self._pick_workers(failed_prefill, failed_decode)
+            self.registry.acquire(decode)
+            try:
+                return await self._call_prefill(routed, prefill, decode, context), decode
+            except grpc.aio.AioRpcError as error:
+                self.registry.release(decode)
+                failed_prefill.add(prefill.address)
+                failed_decode.add(decode.address)
+                if attempt == MAX_PREFILL_ATTEMPTS or not self._can_retry(error, failed_prefill, failed_decode):
+                    raise RouteError(
+                        _prefill_status(error),
+                        f"prefill on {prefill.address} failed with {error.code().name} "
+                        f"(attempt {attempt} of at most {MAX_PREFILL_ATTEMPTS}): {error.details()}",
+                    )
+                logger.warning(
+                    "request %s: prefill on %s with decode worker %s failed with %s (%s); retrying on other workers",
+                    routed.request_id, prefill.address, decode.address, error.code().name, error.details(),
+                )
+            except BaseException:
+                self.registry.release(decode)
+                raise
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _pick_workers(self, failed_prefill: set[str], failed_decode: set[str]) -> tuple[Worker, Worker]:
+        """Pick both workers, avoiding the failed ones where the pool has another healthy worker."""
+        prefill = self.registry.pick(PREFILL, self.prefill_policy, failed_prefill)
+        prefill = prefill or self.registry.pick(PREFILL, self.prefill_policy)
+        decode = self.registry.pick(DECODE, self.decode_policy, failed_decode)
+        decode = decode or self.registry.pick(DECODE, self.decode_policy)
+        if prefill is None:
+            message = f"no healthy prefill worker: {self.registry.describe(PREFILL)}"
+            raise RouteError(grpc.StatusCode.UNAVAILABLE, message)
+        if decode is None:
+            message = f"no healthy decode worker: {self.registry.describe(DECODE)}"
+            raise RouteError(grpc.StatusCode.UNAVAILABLE, message)
+        return prefill, decode
+
+    def _can_retry(self, error: grpc.aio.AioRpcError, failed_prefill: set[str], failed_decode: set[str]) -> bool:
+        """Allow a retry for a retryable code when at least one pool has a healthy worker not yet tried."""
+        if error.code() not in RETRYABLE_PREFILL_CODES:
+            return False
+        return bool(self.registry.healthy(PREFILL, failed_prefill) or self.registry.healthy(DECODE, failed_decode))
+
+    async def _call_prefill(
+        self, routed: RoutedRequest, prefill: Worker, decode: Worker, context
+    ) -> pb.PrefillResponse:
+        request = pb.PrefillRequest(
+            request_id=routed.request_id,
+            prompt_token_ids=routed.prompt_ids,
+            sampling=sampling_to_proto(routed.sampling),
+            decode_address=decode.address,
+            wire_dtype=routed.wire_dtype,
+        )
+        if routed.compression is not None:
+            request.compression.CopyFrom(routed.compression)
+        self.registry.acquire(prefill)
+        try:
+            return await prefill.stub.Prefill(request, timeout=_remaining_s(context))
+        finally:
+            self.registry.release(prefill)
+
+    async def _relay(self, decode: Worker, handle: str, trace: RequestTrace, context) -> None:
+        """Relay Decode.Stream as TextDelta messages until the finish reason; raise RouteError otherwise."""
+        call = decode.stub.Stream(pb.StreamRequest(handle=handle), timeout=_remaining_s(context))
+        try:
+            async for event in call:
+                if event.token_ids:
+                    trace.add_tokens(len(event.token_ids))
+                if event.token_ids or event.text:
+                    delta = pb.TextDelta(text=event.text, token_ids=event.token_ids)
+                    await context.write(pb.GenerateResponse(delta=delta))
+                if event.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+                    trace.finish_reason = event.finish_reason
+                    return
+        except grpc.aio.AioRpcError as error:
+            raise RouteError(
+                _after_first_token_status(error),
+                f"decode worker {decode.address} failed after {trace.completion_tokens} tokens with "
+                f"{error.code().name}: {error.details()}; the output is incomplete",
+            ) from error
+        finally:
+            call.cancel()
+        raise RouteError(
+            grpc.StatusCode.ABORTED,
+            f"decode worker {decode.address} ended the stream after {trace.completion_tokens} tokens without a "
+            "finish reason; the output is incomplete",
+        )
+
+
+def _prefill_status(error: grpc.aio.AioRpcError) -> grpc.StatusCode:
+    """Map a failed Prefill call to the status the client receives, which is the worker's own status.
+
+    The exception is CANCELLED, which becomes UNAVAILABLE. It can only come from the worker's side,
+    such as a server shutting down, because this client's own cancellation raises CancelledError instead.
+    """
+    return grpc.StatusCode.UNAVAILABLE if error.code() == grpc.StatusCode.CANCELLED else error.code()
+
+
+def _after_first_token_status(error: grpc.aio.AioRpcError) -> grpc.StatusCode:
+    if error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return error.code()
+    return grpc.StatusCode.ABORTED
+
+
+async def serve(
+    tokenizer: PreTrainedTokenizerBase,
+    prefill_addresses: list[str],
+    decode_addresses: list[str],
+    address: str = "127.0.0.1:0",
+    policy: str = "least_loaded",
+    max_context: int | None = None,
+    prefill_policy: str = "least_loaded",
+    registry_config: RegistryConfig = RegistryConfig(),
+) -> tuple[grpc.aio.Server, int]:
+    """Start the router on `address` after one round of worker resolution and health checks.
+
+    `policy` picks decode workers (round_robin, least_loaded or kv_aware) and `prefill_policy` picks
+    prefill workers (least_loaded or round_robin). Return the server and the bound port. Stopping
+    the server also stops the worker registry and closes its channels.
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"invalid policy={policy!r}: expected one of {sorted(POLICIES)}")
+    if prefill_policy not in PREFILL_POLICIES:
+        raise ValueError(f"invalid prefill_policy={prefill_policy!r}: expected one of {PREFILL_POLICIES}")
+    if max_context is not None and (not isinstance(max_context, int) or max_context < 2):
+        raise ValueError(f"invalid max_context={max_context!r}: expected an integer >= 2 or None")
+
+    health_servicer = health.aio.HealthServicer()
+    registry = WorkerRegistry(
+        prefill_addresses,
+        decode_addresses,
+        registry_config,
+        on_health_change=lambda: _publish_readiness(health_servicer, registry),
+    )
+    servicer = RouterServicer(tokenizer, registry, policy, prefill_policy, max_context)
+
+    server = grpc.aio.server()
+    pb_grpc.add_RouterServicer_to_server(servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, reflection.SERVICE_NAME, health.SERVICE_NAME), server)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"could not bind the router to {address}")
+
+    await registry.start()
+    await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    await _publish_readiness(health_servicer, registry)
+    _REGISTRY_CLOSERS[server] = asyncio.create_task(_close_after_termination(server, registry))
+    logger.info(
+        "router serving on port %d: decode policy %s, prefill policy %s, max context %s, prefill %s, decode %s, %s",
+        port, policy, prefill_policy, max_context, prefill_addresses, decode_addresses, registry_config,
+    )
+    return server, port
+
+
+async def _publish_readiness(health_servicer: health.aio.HealthServicer, registry: WorkerRegistry) -> None:
+    """Report the Router service SERVING only while both pools have a healthy worker.
+
+    Readiness probes should check the Router service name. The empty service name stays SERVING while
+    the process runs, for liveness probes.
+    """
+    ready = bool(registry.healthy(PREFILL)) and bool(registry.healthy(DECODE))
+    status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+    await health_servicer.set(SERVICE_NAME, status)
+
+
+async def _close_after_termination(server: grpc.aio.Server, registry: WorkerRegistry) -> None:
+    try:
+        await server.wait_for_termination()
+    finally:
+        await registry.close()
+        _REGISTRY_CLOSERS.pop(server, None)
+
+
+async def stop(server: grpc.aio.Server, grace_s: float | None = None) -> None:
+    """Stop a server started by `serve` and wait until its worker registry is closed."""
+    closer = _REGISTRY_CLOSERS.get(server)
+    await server.stop(grace_s)
+    if closer is not None:
+        await closer
