@@ -40,6 +40,10 @@ def run_decode(args: argparse.Namespace) -> int:
     from snapkv.model import resolve_model
     from snapkv.serving import serve_until_signal
 
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     engine = Engine(resolve_model(args.model, args.cache_dir))
     _start_metrics(args.metrics_port, args.host)
 
@@ -103,6 +107,12 @@ def worker_name(port: int) -> str:
     return f"{socket.gethostname()}:{port}"
 
 
+def split_cores(num_cores: int) -> tuple[int, int]:
+    """Return (decode threads, prefill actor CPUs) for one machine: a quarter (at least one) for decode."""
+    decode = max(1, num_cores // 4)
+    return decode, max(1, num_cores - decode)
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind((LOOPBACK, 0))
@@ -148,9 +158,12 @@ class LocalStack:
             {} if metrics_port is None else {name: metrics_port + i for i, name in enumerate(self.ports)}
         )
         common = ["--model", model] + (["--cache-dir", str(cache_dir)] if cache_dir else [])
+        # Decode and prefill share this machine's cores. Each gets its own part, because two
+        # OpenMP pools spinning on the same cores slow both down many times over.
+        decode_threads, prefill_cpus = split_cores(os.cpu_count() or 1)
         self.commands = {
-            "decode": ["decode", *decode_options],
-            "prefill": ["prefill"],
+            "decode": ["decode", "--threads", str(decode_threads), *decode_options],
+            "prefill": ["prefill", "--cpus-per-actor", str(prefill_cpus)],
             "router": ["router", "--prefill", self.address("prefill"), "--decode", self.address("decode")],
         }
         for name, command in self.commands.items():
@@ -171,7 +184,9 @@ class LocalStack:
     def start_one(self, name: str, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
         """Start (or restart) one service on its port and wait until it is healthy."""
         argv = [sys.executable, "-m", "snapkv.cli", "--log-level", self.log_level, *self.commands[name]]
-        self.processes[name] = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+        # Idle OpenMP threads sleep instead of spinning, so neighbouring services keep their cores.
+        env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+        self.processes[name] = subprocess.Popen(argv, stdout=subprocess.DEVNULL, env=env)
         wait_healthy(name, self.address(name), self.processes[name], timeout_s)
 
     def check_running(self) -> None:
