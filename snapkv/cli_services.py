@@ -108,9 +108,12 @@ def worker_name(port: int) -> str:
 
 
 def split_cores(num_cores: int) -> tuple[int, int]:
-    """Return (decode threads, prefill actor CPUs) for one machine: a quarter (at least one) for decode."""
-    decode = max(1, num_cores // 4)
-    return decode, max(1, num_cores - decode)
+    """Return (decode threads, prefill actor CPUs) for one machine.
+
+    Prefill gets every core and decode a quarter (at least one); with passive OpenMP waiting they
+    contend only while both compute, and a lone prefill then runs at full speed.
+    """
+    return max(1, num_cores // 4), num_cores
 
 
 def free_port() -> int:
@@ -158,8 +161,7 @@ class LocalStack:
             {} if metrics_port is None else {name: metrics_port + i for i, name in enumerate(self.ports)}
         )
         common = ["--model", model] + (["--cache-dir", str(cache_dir)] if cache_dir else [])
-        # Decode and prefill share this machine's cores. Each gets its own part, because two
-        # OpenMP pools spinning on the same cores slow both down many times over.
+        # Decode and prefill share this machine's cores; see `split_cores`.
         decode_threads, prefill_cpus = split_cores(os.cpu_count() or 1)
         self.commands = {
             "decode": ["decode", "--threads", str(decode_threads), *decode_options],
