@@ -137,7 +137,7 @@ def wait_healthy(name: str, address: str, process: subprocess.Popen, timeout_s: 
             except grpc.RpcError:
                 pass
             time.sleep(0.2)
-    raise TimeoutError(f"{address} did not become healthy within {timeout_s:.0f} s")
+    raise TimeoutError(f"{name} at {address} did not become healthy within {timeout_s:.0f} s")
 
 
 class LocalStack:

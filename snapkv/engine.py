@@ -43,7 +43,7 @@ class Request:
 
 @dataclass
 class PrefillResult:
-    """What prefill hands to decoding for one request."""
+    """The output of prefill for one request, the input of decoding."""
 
     request: Request
     cache: PromptCache
