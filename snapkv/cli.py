@@ -113,7 +113,7 @@ def add_service_commands(commands) -> None:
 
     up = commands.add_parser("up", help="run router, prefill (local Ray) and decode on this machine, on loopback")
     up.add_argument("--port", type=int, default=50051, help="router port (default 50051)")
-    up.add_argument("--metrics-port", type=int, default=9400, help="first of three metrics ports (decode, prefill, router)")
+    up.add_argument("--metrics-port", type=int, default=9400, help="first of three metrics ports: decode, prefill, router (default 9400)")
     up.add_argument("--model", default=DEFAULT_MODEL_SPEC, help="Hugging Face id, local path, or tiny-llama for tests")
     up.add_argument("--cache-dir", type=Path, default=None, help=f"folder for converted weights (${CACHE_DIR_VARIABLE})")
 
