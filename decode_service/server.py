@@ -138,6 +138,13 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             if not finished:
                 self.scheduler.cancel(job)
 
+    def close(self) -> None:
+        """Stop the lease checks and the decode loop (failing any sequence still running)."""
+        lease_task = getattr(self, "lease_task", None)
+        if lease_task is not None:
+            lease_task.cancel()
+        self.scheduler.stop()
+
     async def Status(self, request, context):
         return pb.StatusResponse(
             active_sequences=self.scheduler.active_count,

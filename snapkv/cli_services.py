@@ -54,7 +54,7 @@ def run_decode(args: argparse.Namespace) -> int:
             DecodeMetrics(engine.name, worker_name(args.port)),
         )
         print(f"decode worker listening on {args.host}:{port}", flush=True)
-        await serve_until_signal(server, servicer.scheduler.stop)
+        await serve_until_signal(server, servicer.close)
 
     asyncio.run(main())
     return 0

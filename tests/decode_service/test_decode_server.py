@@ -65,7 +65,7 @@ async def start(engine, **options):
 async def stop(server, servicer, channel):
     await channel.close()
     await server.stop(None)
-    servicer.scheduler.stop()
+    servicer.close()
 
 
 def test_eight_concurrent_streams_batched(run):

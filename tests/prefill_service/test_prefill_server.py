@@ -109,7 +109,7 @@ def services(loop, ray_session):
         await shutdown(env.prefill_server, grace_s=None)
         for server, servicer in env.decode_servers:
             await server.stop(None)
-            servicer.scheduler.stop()
+            servicer.close()
 
     loop.run_until_complete(stop())
 
