@@ -23,8 +23,10 @@ import logging
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
 from transformers import PreTrainedTokenizerBase
 
+from router.metrics import RouterMetrics
 from router.policies import POLICIES
 from router.registry import DECODE, PREFILL, RegistryConfig, Worker, WorkerRegistry
 from router.requests import RequestTrace, RoutedRequest, final_message, log_finished, parse_request
@@ -70,7 +72,9 @@ class RouterServicer(pb_grpc.RouterServicer):
         policy: str,
         prefill_policy: str,
         max_context: int | None,
+        metrics: RouterMetrics,
     ):
+        self.metrics = metrics
         self.tokenizer = tokenizer
         self.registry = registry
         self.decode_policy = POLICIES[policy]
@@ -104,6 +108,7 @@ class RouterServicer(pb_grpc.RouterServicer):
             raise
         finally:
             log_finished(trace)
+            self.metrics.observe(trace)
 
     async def _generate(self, routed: RoutedRequest, trace: RequestTrace, context) -> None:
         reply, decode = await self._prefill(routed, context)
@@ -151,6 +156,7 @@ class RouterServicer(pb_grpc.RouterServicer):
                         f"prefill on {prefill.address} failed with {error.code().name} "
                         f"(attempt {attempt} of at most {MAX_PREFILL_ATTEMPTS}): {error.details()}",
                     )
+                self.metrics.observe_retry(error.code().name)
                 logger.warning(
                     "request %s: prefill on %s with decode worker %s failed with %s (%s); retrying on other workers",
                     routed.request_id, prefill.address, decode.address, error.code().name, error.details(),
@@ -250,6 +256,7 @@ async def serve(
     max_context: int | None = None,
     prefill_policy: str = "least_loaded",
     registry_config: RegistryConfig = RegistryConfig(),
+    metrics: RouterMetrics | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """Start the router on `address` after one round of worker resolution and health checks.
 
@@ -271,7 +278,9 @@ async def serve(
         registry_config,
         on_health_change=lambda: _publish_readiness(health_servicer, registry),
     )
-    servicer = RouterServicer(tokenizer, registry, policy, prefill_policy, max_context)
+    # Without `metrics`, a registry of its own keeps tests and embedded routers apart.
+    metrics = metrics or RouterMetrics("-", address, CollectorRegistry())
+    servicer = RouterServicer(tokenizer, registry, policy, prefill_policy, max_context, metrics)
 
     server = grpc.aio.server()
     pb_grpc.add_RouterServicer_to_server(servicer, server)

@@ -84,6 +84,7 @@ def run_prefill(args: argparse.Namespace) -> int:
 
 
 def run_router(args: argparse.Namespace) -> int:
+    from router.metrics import RouterMetrics
     from router.server import serve
     from snapkv.model import resolve_tokenizer
     from snapkv.serving import serve_until_signal
@@ -93,7 +94,8 @@ def run_router(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         server, port = await serve(
-            tokenizer, args.prefill, args.decode, f"{args.host}:{args.port}", policy=args.policy
+            tokenizer, args.prefill, args.decode, f"{args.host}:{args.port}", policy=args.policy,
+            metrics=RouterMetrics(args.model, worker_name(args.port)),
         )
         print(f"router listening on {args.host}:{port}", flush=True)
         await serve_until_signal(server)

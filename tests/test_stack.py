@@ -91,6 +91,15 @@ def test_eight_concurrent_streams_are_batched(stack, local):
     all_steps = next(float(l.split()[-1]) for l in metrics.splitlines() if l.startswith("snapkv_decode_batch_size_count"))
     assert single_steps < all_steps, "no decode step advanced more than one sequence"
 
+    # The router measured time to first token for each of the eight requests.
+    router_metrics = urllib.request.urlopen(f"http://127.0.0.1:{stack.metrics_ports['router']}/metrics").read().decode()
+    ttft_count = next(
+        float(line.split()[-1])
+        for line in router_metrics.splitlines()
+        if line.startswith("snapkv_router_time_to_first_token_seconds_count")
+    )
+    assert ttft_count >= len(PROMPTS)
+
 
 def test_cancel_frees_kv(stack):
     with SnapKVClient(stack.address("router")) as client:
