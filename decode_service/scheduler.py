@@ -2,7 +2,7 @@
 
 Sequences join and leave only at step boundaries. A join appends rows to the `BatchCache` (one copy of
 the new prompt caches); a leave drops rows. The loop runs in its own thread so that the gRPC event loop
-stays responsive while torch computes; results reach each request through its `sink` callback, which
+stays responsive while torch computes. Results reach each request through its `sink` callback, which
 must be thread-safe (the server passes `loop.call_soon_threadsafe`-based callbacks).
 
 Limitations: joining reallocates the batch's tensors (a copy of the resident KV), which a paged layout

@@ -2,7 +2,7 @@
 
 Admission control: a cache is admitted only if its KV memory (the received keys and values plus room
 for `max_tokens` generated positions, in the model's dtype) fits the worker's budget next to every
-reservation already held; otherwise LoadKV answers RESOURCE_EXHAUSTED at once, before any chunk is
+reservation already held; otherwise LoadKV returns RESOURCE_EXHAUSTED at once, before any chunk is
 read, so the router can pick another worker while the client has seen no token. Nothing waits
 in a queue for memory.
 """
@@ -161,7 +161,7 @@ def _token_event(event: StepEvent) -> pb.TokenEvent:
 
 
 async def expire_leases(loaded: LoadedCaches, interval_s: float, metrics: DecodeMetrics) -> None:
-    """Free caches nobody streamed within their lease, checking every `interval_s` seconds."""
+    """Free caches that no client streamed within their lease, checking every `interval_s` seconds."""
     while True:
         await asyncio.sleep(interval_s)
         metrics.lease_expirations.inc(len(loaded.expire()))
@@ -177,8 +177,8 @@ async def serve(
 ) -> tuple[grpc.aio.Server, int, DecodeServicer]:
     """Start a decode server on `address`; return it, the bound port and the servicer.
 
-    `metrics` defaults to a `DecodeMetrics` in a registry of its own (tests and embedded use);
-    the command line passes one on the global registry that its /metrics endpoint serves.
+    `metrics` defaults to a `DecodeMetrics` in a registry of its own, for tests and embedded use.
+    The command line passes one on the global registry, which its /metrics endpoint serves.
     """
     metrics = metrics or DecodeMetrics(engine.name, address, CollectorRegistry())
     memory = KVMemory(kv_budget_bytes)

@@ -1,7 +1,7 @@
 """The decode worker's state outside the batch: KV memory reservations and loaded caches awaiting a stream.
 
 Every cache is reserved before its transfer is accepted and released exactly once: when its sequence
-finishes, is cancelled or fails, when its transfer breaks off, or when nobody streams its handle within
+finishes, is cancelled or fails, when its transfer breaks off, or when no client streams its handle within
 the lease. All methods are safe to call from the gRPC event loop and from the decode thread.
 """
 
@@ -90,7 +90,7 @@ class LoadedCaches:
         for entry in expired:
             self.memory.release(entry.reserved_bytes)
             logger.warning(
-                "lease expired for request %s (handle %s): nobody streamed it within %.1f s, freed %d bytes",
+                "lease expired for request %s (handle %s): no Stream call within %.1f s, freed %d bytes",
                 entry.received.request_id,
                 entry.handle,
                 self.lease_s,

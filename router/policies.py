@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 @dataclass(frozen=True)
 class WorkerLoad:
-    """What the router knows about one worker when it routes a request."""
+    """Load of one worker as the router sees it when it routes a request."""
 
     address: str
     outstanding: int = 0  # requests the router has sent and not yet seen finish
@@ -39,8 +39,8 @@ def kv_aware(candidates: Sequence[WorkerLoad], counter: int) -> WorkerLoad | Non
     """Pick the candidate with the most free KV memory; ties go to fewer outstanding, then rotate."""
     if not candidates:
         return None
-    most_free = max(c.kv_free_bytes for c in candidates)
-    tied = [c for c in candidates if c.kv_free_bytes == most_free]
+    max_free = max(c.kv_free_bytes for c in candidates)
+    tied = [c for c in candidates if c.kv_free_bytes == max_free]
     return least_loaded(tied, counter)
 
 

@@ -131,7 +131,7 @@ class RouterServicer(pb_grpc.RouterServicer):
         else:
             delta = text.push(token)
         if not reply.handle:
-            # With no handle, prefill finished the request at this token and says why.
+            # With no handle, prefill finished the request at this token and reports the finish reason.
             delta += text.finish()
             trace.finish_reason = reply.finish_reason
         trace.add_tokens(1)

@@ -112,8 +112,8 @@ def worker_name(port: int) -> str:
 def split_cores(num_cores: int) -> tuple[int, int]:
     """Return (decode threads, prefill actor CPUs) for one machine.
 
-    Prefill gets every core and decode a quarter (at least one); with passive OpenMP waiting they
-    contend only while both compute, and a lone prefill then runs at full speed.
+    Prefill gets every core and decode a quarter (at least one). With passive OpenMP waiting they
+    contend only while both compute, so a lone prefill runs at full speed.
     """
     return max(1, num_cores // 4), num_cores
 
@@ -240,7 +240,7 @@ def run_up(args: argparse.Namespace) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    """Start the stack, send one request through the router, print the answer and figures, stop."""
+    """Start the stack, send one request through the router, print the generated text and figures, stop."""
     from snapkv.cli import DEFAULT_MODEL_SPEC
 
     with LocalStack(args.model or DEFAULT_MODEL_SPEC, 0, None, args.cache_dir, args.log_level) as stack:
@@ -252,7 +252,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def run_generate_target(args: argparse.Namespace) -> int:
-    """Send one request to a router, streaming the answer (or printing one JSON object with --json)."""
+    """Send one request to a router, streaming the generated text (or printing one JSON object with --json)."""
     import json
 
     from router.client import SnapKVError

@@ -26,7 +26,7 @@ def _is_int(value: object) -> bool:
 class CompressionConfig:
     """SnapKV settings for one prompt.
 
-    `budget` counts every kept token, the observation window included, so a compressed cache holds
+    `budget` counts every kept token, the observation window included, so a compressed cache contains
     exactly `budget` positions per KV head. A prompt of at most `budget` tokens is left untouched.
     """
 

@@ -7,7 +7,7 @@ from the compressed prompt caches. Each decoded token is fed at position prompt_
 original positions), while it is written right after the kept entries in the cache.
 
 Limitations: models whose layers use sliding-window attention are rejected, because a compressed
-cache does not preserve the window's positions; prompts are prefilled whole (no chunking), so the
+cache does not preserve the window's positions. Prompts are prefilled whole (no chunking), so the
 longest prompt is bounded by the memory of one full forward pass.
 """
 

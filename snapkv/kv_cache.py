@@ -1,7 +1,7 @@
 """KV cache value types: one prompt's compressed cache, and the batched cache decoding writes into.
 
 `PromptCache` is the unit that prefill produces (and that travels to a decode worker). `BatchCache`
-is a transformers `Cache` that holds several sequences of different lengths in preallocated tensors,
+is a transformers `Cache` that stores several sequences of different lengths in preallocated tensors,
 so a decode step writes each new key and value in place instead of concatenating.
 """
 
@@ -89,7 +89,7 @@ class BatchLayer(CacheLayerMixin):
 class BatchCache(Cache):
     """Decode-time KV for a batch of sequences of different lengths, in preallocated tensors.
 
-    Row b holds its prompt cache in positions [0, kept_b) followed by the tokens decoded so far; the
+    Row b stores its prompt cache in positions [0, kept_b) followed by the tokens decoded so far; the
     rest of the row is unused. `attention_mask()` marks each row's valid positions, so padding is
     never attended. Call `advance()` after every forward step.
     """

@@ -25,7 +25,7 @@ SPECIAL_TOKENS = ("<|endoftext|>", "<|im_end|>")
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level tokenizer: one token per UTF-8 byte, plus the two special tokens (ids 256 and 257)."""
+    """Build a byte-level tokenizer: one token per UTF-8 byte, plus the two special tokens (ids 256 and 257)."""
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {symbol: index for index, symbol in enumerate(sorted(alphabet))}
     for token in SPECIAL_TOKENS:
@@ -39,7 +39,7 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def tiny_config(family: str, num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2, head_dim: int = 16):
-    """A small GQA config of one model family; `vocab_size` covers `byte_tokenizer()`."""
+    """Build a small GQA config of one model family; `vocab_size` covers `byte_tokenizer()`."""
     common = dict(
         vocab_size=258,
         hidden_size=num_heads * head_dim,

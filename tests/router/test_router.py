@@ -123,7 +123,7 @@ def test_router_assigns_request_id_when_unset(cluster):
     [(token_ids("H")[0], 1, "H", pb.FINISH_REASON_LENGTH), (EOS, 20, "", pb.FINISH_REASON_STOP)],
 )
 def test_first_token_that_finishes_skips_decode(cluster, first_token, max_tokens, expected_text, expected_reason):
-    # An empty handle means prefill's first token was also the last one; prefill says why.
+    # An empty handle means prefill's first token was also the last one; prefill reports the finish reason.
     reply = pb.PrefillResponse(
         first_token_id=first_token, prompt_tokens=10, kept_tokens=10, kv_bytes_full=500, finish_reason=expected_reason
     )

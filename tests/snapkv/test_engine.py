@@ -138,7 +138,7 @@ def test_padding_is_never_kept():
         assert layer_positions.max().item() == 99
 
 
-def test_two_long_prompts_in_a_row_are_both_compressed():
+def test_consecutive_long_prompts_compressed():
     engine = tiny_engine()
     first = engine.prefill([Request("1", prompt(500, seed=4), GREEDY_16, SMALL)])[0]
     second = engine.prefill([Request("2", prompt(700, seed=5), GREEDY_16, SMALL)])[0]

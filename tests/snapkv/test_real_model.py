@@ -1,6 +1,6 @@
 """The embedded SmolLM2-135M-Instruct on real text: a fact hidden in the middle of about 900 tokens of
 the GPL-2 text must survive 2x compression. (This 135M model misses the same fact at other depths even
-with the full cache, so the test places it where the full cache answers.)"""
+with the full cache, so the test places it where the full cache finds it.)"""
 
 import re
 
