@@ -13,6 +13,12 @@ QUESTION := What is the title of this document, and who publishes it?
 
 install: $(STAMP)
 
+# A real Prometheus server and promtool for the metrics tests: Debian's package (CI runs as root).
+PROMETHEUS := /usr/bin/prometheus
+$(PROMETHEUS):
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus
+
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
@@ -26,7 +32,7 @@ $(STAMP): pyproject.toml Makefile
 run: install
 	$(BIN)/snapkv-serve demo --prompt-file $(DOCUMENT) --question "$(QUESTION)" --budget 1024 --max-tokens 80
 
-test: install
+test: install $(PROMETHEUS)
 	$(BIN)/python -m pytest
 
 clean:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
+from snapkv.metrics import register_service_info
+
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -13,6 +15,7 @@ class DecodeMetrics:
 
     def __init__(self, model: str, worker: str, registry: CollectorRegistry = REGISTRY):
         labels = ("model", "worker")
+        register_service_info("decode", model, worker, registry)
         self.batch_size = Histogram(
             "snapkv_decode_batch_size", "Sequences advanced together in one decode step.", labels,
             buckets=BATCH_SIZE_BUCKETS, registry=registry,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
+from snapkv.metrics import register_service_info
+
 from snapkv.proto import serving_pb2 as pb
 
 TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
@@ -16,6 +18,7 @@ class PrefillMetrics:
 
     def __init__(self, model: str, worker: str, registry: CollectorRegistry = REGISTRY):
         labels = ("model", "worker")
+        register_service_info("prefill", model, worker, registry)
         self.labels = (model, worker)
 
         def histogram(name: str, text: str, buckets: tuple[float, ...]) -> Histogram:
@@ -46,6 +49,7 @@ class PrefillMetrics:
         self.requests = Counter(
             "snapkv_prefill_requests_total", "Finished Prefill calls by gRPC status.", (*labels, "code"), registry=registry
         )
+        self.requests.labels(model, worker, "OK")  # exported as 0 before the first call ends
         self.in_flight = Gauge("snapkv_prefill_in_flight", "Prefill calls in progress.", labels, registry=registry)
         self.in_flight = self.in_flight.labels(model, worker)
         self.ready_actors = Gauge("snapkv_prefill_ready_actors", "Actors in the rotation.", labels, registry=registry)

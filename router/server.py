@@ -75,6 +75,7 @@ class RouterServicer(pb_grpc.RouterServicer):
         metrics: RouterMetrics,
     ):
         self.metrics = metrics
+        metrics.declare_retry_reasons(code.name for code in RETRYABLE_PREFILL_CODES)
         self.tokenizer = tokenizer
         self.registry = registry
         self.decode_policy = POLICIES[policy]

@@ -101,10 +101,16 @@ def add_service_commands(commands) -> None:
     decode.add_argument("--lease-s", type=float, default=30.0, help="seconds a loaded cache waits for its stream")
     decode.add_argument("--max-batch-size", type=int, default=32, help="sequences decoded together at most")
     decode.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    decode.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when a GPU is visible")
 
     prefill = service("prefill", "run a prefill server and its Ray actors", 50052)
     prefill.add_argument("--actors", type=int, default=1, help="number of Ray prefill actors")
     prefill.add_argument("--cpus-per-actor", type=int, default=None, help="CPU cores per actor (default: the cores shared among the actors)")
+    prefill.add_argument("--gpus-per-actor", type=float, default=None, help="GPUs per actor (default: 1 when the Ray cluster has GPUs, else 0)")
+    prefill.add_argument(
+        "--ray-address", default=None,
+        help="join this Ray cluster ('auto' on a Ray node, e.g. a KubeRay head); default: start a local Ray on loopback",
+    )
 
     router = service("router", "run the client-facing router", 50051)
     router.add_argument("--prefill", action="append", required=True, metavar="HOST:PORT", help="prefill server (repeatable)")

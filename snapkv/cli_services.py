@@ -44,7 +44,12 @@ def run_decode(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    engine = Engine(resolve_model(args.model, args.cache_dir))
+    device = args.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    engine = Engine(resolve_model(args.model, args.cache_dir, device))
     _start_metrics(args.metrics_port, args.host)
 
     async def main() -> None:
@@ -61,10 +66,11 @@ def run_decode(args: argparse.Namespace) -> int:
 
 
 def run_prefill(args: argparse.Namespace) -> int:
-    # Ray reads these settings once, at its first import, so they are applied before anything imports it.
-    from prefill_service.local_ray import apply_local_ray_environment
+    if args.ray_address is None:
+        # Ray reads these settings once, at its first import, so they are applied before anything imports it.
+        from prefill_service.local_ray import apply_local_ray_environment
 
-    apply_local_ray_environment()
+        apply_local_ray_environment()
     from prefill_service.metrics import PrefillMetrics
     from prefill_service.server import serve
     from snapkv.serving import serve_until_signal
@@ -74,7 +80,8 @@ def run_prefill(args: argparse.Namespace) -> int:
     async def main() -> None:
         server, port = await serve(
             args.model, f"{args.host}:{args.port}", num_actors=args.actors, cpus_per_actor=args.cpus_per_actor,
-            cache_dir=args.cache_dir, metrics=PrefillMetrics(args.model, worker_name(args.port)),
+            ray_address=args.ray_address, gpus_per_actor=args.gpus_per_actor, cache_dir=args.cache_dir,
+            metrics=PrefillMetrics(args.model, worker_name(args.port)),
         )
         print(f"prefill server listening on {args.host}:{port}", flush=True)
         await serve_until_signal(server, server.shutdown_actors)

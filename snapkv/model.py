@@ -125,13 +125,15 @@ def default_cache_dir() -> Path:
 TINY_PREFIX = "tiny-"
 
 
-def resolve_model(spec: str, cache_dir: Path | None = None) -> LoadedModel:
-    """Load a model from a command-line spec: `tiny-<family>` builds a random-weight test model."""
+def resolve_model(spec: str, cache_dir: Path | None = None, device: str = "cpu") -> LoadedModel:
+    """Load a model from a command-line spec onto `device`: `tiny-<family>` builds a random-weight test model."""
     if spec.startswith(TINY_PREFIX):
         from snapkv.tiny_models import tiny_model  # imported late: tiny_models imports this module
 
-        return tiny_model(spec.removeprefix(TINY_PREFIX))
-    return load_model(spec, cache_dir=cache_dir)
+        loaded = tiny_model(spec.removeprefix(TINY_PREFIX))
+        loaded.model.to(device)
+        return loaded
+    return load_model(spec, cache_dir=cache_dir, device=device)
 
 
 def resolve_tokenizer(spec: str, cache_dir: Path | None = None) -> PreTrainedTokenizerBase:
