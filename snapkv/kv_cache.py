@@ -102,6 +102,7 @@ class BatchCache(Cache):
         self.lengths = torch.tensor([p.kept_length for p in prompts], device=device)
         self.positions = torch.tensor([p.prompt_length for p in prompts], device=device)
         self._max_length = int(self.lengths.max())
+        self._min_length = int(self.lengths.min())
 
     def add_rows(self, prompts: list[PromptCache], max_new_tokens: int) -> None:
         """Append sequences as new rows (between steps), growing the capacity if they need more."""
@@ -113,6 +114,7 @@ class BatchCache(Cache):
         self.lengths = torch.cat([self.lengths, torch.tensor([p.kept_length for p in prompts], device=device)])
         self.positions = torch.cat([self.positions, torch.tensor([p.prompt_length for p in prompts], device=device)])
         self._max_length = int(self.lengths.max())
+        self._min_length = int(self.lengths.min())
 
     @property
     def batch_size(self) -> int:
@@ -131,8 +133,14 @@ class BatchCache(Cache):
         """Positions [batch, 1] of the tokens fed in the next step: original prompt length + decoded."""
         return self.positions.unsqueeze(1)
 
-    def attention_mask(self, implementation: str, dtype: torch.dtype) -> torch.Tensor:
-        """Return a 4D mask [batch, 1, 1, step_kv_len] for the next step in the format `implementation` takes."""
+    def attention_mask(self, implementation: str, dtype: torch.dtype) -> torch.Tensor | None:
+        """Return a 4D mask [batch, 1, 1, step_kv_len] for the next step in the format `implementation` takes.
+
+        Return None when every row has the same length: each then attends to all `step_kv_len` keys, and
+        without a mask sdpa runs its grouped-query kernel directly.
+        """
+        if self._min_length == self._max_length:
+            return None
         columns = torch.arange(self.step_kv_len, device=self.lengths.device)
         valid = columns.unsqueeze(0) <= self.lengths.unsqueeze(1)
         valid = valid[:, None, None, :]
@@ -146,6 +154,7 @@ class BatchCache(Cache):
         self.lengths += 1
         self.positions += 1
         self._max_length += 1
+        self._min_length += 1
 
     def select_rows(self, rows: list[int]) -> None:
         """Keep only these rows (finished sequences leave the batch)."""
@@ -156,6 +165,7 @@ class BatchCache(Cache):
         self.lengths = self.lengths.index_select(0, index)
         self.positions = self.positions.index_select(0, index)
         self._max_length = int(self.lengths.max())
+        self._min_length = int(self.lengths.min())
 
 
 def _fill_rows(prompts: list[PromptCache], capacity: int):

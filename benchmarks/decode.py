@@ -1,0 +1,198 @@
+"""Decode speed on the embedded model: time per output token against prompt length, tokens per
+second against Hugging Face transformers' own `generate`, and the memory-bandwidth bound.
+
+    .venv/bin/python -m benchmarks.decode [--quick]
+
+Decode time depends on the cache's shape, not its values. So each case decodes from caches of random
+keys and values with the right shape and original positions, and no prefill runs. Both sides decode
+greedily and never stop early, and neither detokenizes.
+
+- Time per output token (batch 1) for prompts of 1K to 8K tokens: the engine with a SnapKV cache
+  of `--budget` positions per KV head, and with the full prompt cache.
+- Tokens per second at batch 1, 4 and 8 on 4K-token prompts: the engine with a SnapKV cache, against
+  `model.generate` with transformers' `DynamicCache` holding the full prompt, and holding the same
+  compressed cache (the gain of compression alone, without the engine's own cache).
+- The bound: each decode step reads every weight once and every cached key and value once, so the
+  step can take no less than those bytes divided by the measured read bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
+
+from benchmarks.common import markdown_table, progress, write_json
+from snapkv.engine import Engine
+from snapkv.kv_cache import BatchCache, PromptCache
+from snapkv.model import load_model
+
+
+def model_shape(engine: Engine) -> tuple[int, int, int]:
+    config = engine.model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return config.num_hidden_layers, config.num_key_value_heads, head_dim
+
+
+def random_prompt(engine: Engine, kept: int, prompt_length: int, seed: int) -> PromptCache:
+    num_layers, num_kv_heads, head_dim = model_shape(engine)
+    generator = torch.Generator().manual_seed(seed)
+    shape = (num_layers, num_kv_heads, kept, head_dim)
+    return PromptCache(torch.randn(shape, generator=generator), torch.randn(shape, generator=generator), prompt_length)
+
+
+def engine_step_seconds(engine: Engine, prompts: list[PromptCache], steps: int) -> float:
+    """Return the mean seconds of a greedy decode step over `steps` steps after one warm-up step."""
+    cache = BatchCache(prompts, steps + 1)
+    tokens = torch.zeros(len(prompts), dtype=torch.long)
+    tokens = engine.decode_step(cache, tokens).argmax(dim=-1)
+    start = time.perf_counter()
+    for _ in range(steps):
+        tokens = engine.decode_step(cache, tokens).argmax(dim=-1)
+    return (time.perf_counter() - start) / steps
+
+
+class StepClock(StoppingCriteria):
+    """Record the time of every generation step; never stops generation."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def transformers_step_seconds(engine: Engine, batch: int, cached: int, steps: int) -> float:
+    """Return the mean seconds of a `generate` step with a `DynamicCache` of `cached` random positions."""
+    num_layers, num_kv_heads, head_dim = model_shape(engine)
+    generator = torch.Generator().manual_seed(batch)
+    cache = DynamicCache(config=engine.model.config)
+    for layer in range(num_layers):
+        shape = (batch, num_kv_heads, cached, head_dim)
+        cache.update(torch.randn(shape, generator=generator), torch.randn(shape, generator=generator), layer)
+    # One uncached token: generate runs it as a one-token prefill, then decodes.
+    input_ids = torch.zeros((batch, cached + 1), dtype=torch.long)
+    clock = StepClock()
+    with torch.inference_mode():
+        engine.model.generate(
+            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), past_key_values=cache,
+            max_new_tokens=steps + 2, min_new_tokens=steps + 2, do_sample=False,
+            stopping_criteria=StoppingCriteriaList([clock]), pad_token_id=engine.pad_id,
+        )
+    # The first interval follows the one-token prefill: it is a decode step like the others.
+    intervals = [b - a for a, b in zip(clock.times, clock.times[1:])]
+    return sum(intervals[-steps:]) / steps
+
+
+def read_bandwidth(num_bytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Return the best measured read bandwidth in bytes/s: summing a large fp32 tensor."""
+    data = torch.ones(num_bytes // 4)
+    data.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - start)
+    return num_bytes / best
+
+
+def weight_bytes(engine: Engine) -> int:
+    """Bytes of the model's parameters, tied ones counted once: what one decode step reads."""
+    seen, total = set(), 0
+    for parameter in engine.model.parameters():
+        if parameter.data_ptr() not in seen:
+            seen.add(parameter.data_ptr())
+            total += parameter.numel() * parameter.element_size()
+    return total
+
+
+def kv_bytes(engine: Engine, batch: int, positions: int) -> int:
+    num_layers, num_kv_heads, head_dim = model_shape(engine)
+    return 2 * batch * num_layers * num_kv_heads * positions * head_dim * 4
+
+
+def run(lengths: list[int], batches: list[int], budget: int, throughput_length: int, steps: int) -> dict:
+    engine = Engine(load_model())
+    tpot = []
+    for length in lengths:
+        for variant, kept in (("snapkv", min(budget, length)), ("full", length)):
+            seconds = engine_step_seconds(engine, [random_prompt(engine, kept, length, 0)], steps)
+            tpot.append({"prompt_tokens": length, "cache": variant, "kept": kept, "seconds": seconds})
+            progress(f"decode: TPOT at {length} tokens, {variant} cache ({kept} kept): {seconds * 1e3:.1f} ms")
+
+    bandwidth = read_bandwidth()
+    weights = weight_bytes(engine)
+    progress(f"decode: read bandwidth {bandwidth / 1e9:.1f} GB/s, weights {weights / 2**20:.0f} MiB")
+    throughput = []
+    for batch in batches:
+        prompts = [random_prompt(engine, budget, throughput_length, seed) for seed in range(batch)]
+        cases = {
+            "engine, SnapKV cache": (engine_step_seconds(engine, prompts, steps), budget),
+            "transformers generate, full DynamicCache": (
+                transformers_step_seconds(engine, batch, throughput_length, steps), throughput_length),
+            "transformers generate, compressed DynamicCache": (
+                transformers_step_seconds(engine, batch, budget, steps), budget),
+        }
+        for variant, (seconds, positions) in cases.items():
+            bound = (weights + kv_bytes(engine, batch, positions)) / bandwidth
+            throughput.append({
+                "batch": batch, "variant": variant, "positions": positions, "step_seconds": seconds,
+                "tokens_per_second": batch / seconds, "bound_seconds": bound, "x_bound": seconds / bound,
+            })
+            progress(f"decode: batch {batch}, {variant}: {seconds * 1e3:.1f} ms/step, {batch / seconds:.1f} tokens/s, "
+                     f"{seconds / bound:.1f}x the bound")
+    return {
+        "budget": budget, "throughput_prompt_tokens": throughput_length, "steps": steps,
+        "read_bandwidth_bytes_per_second": bandwidth, "weight_bytes": weights, "tpot": tpot, "throughput": throughput,
+    }
+
+
+def summarize(result: dict) -> str:
+    tpot = markdown_table(
+        ["prompt tokens", "cache", "kept per KV head", "TPOT ms"],
+        [[r["prompt_tokens"], r["cache"], r["kept"], r["seconds"] * 1e3] for r in result["tpot"]],
+    )
+    throughput = markdown_table(
+        ["batch", "variant", "cached positions", "ms per step", "tokens/s", "bound ms", "x bound"],
+        [[r["batch"], r["variant"], r["positions"], r["step_seconds"] * 1e3, r["tokens_per_second"],
+          r["bound_seconds"] * 1e3, r["x_bound"]] for r in result["throughput"]],
+    )
+    lines = [tpot, "", throughput, ""]
+    snapkv = {r["prompt_tokens"]: r["seconds"] for r in result["tpot"] if r["cache"] == "snapkv"}
+    if snapkv:
+        longest, shortest = max(snapkv), min(snapkv)
+        ratio = snapkv[longest] / snapkv[shortest]
+        lines.append(f"- SnapKV TPOT at {longest} tokens / at {shortest}: {ratio:.2f}x (target: at most 1.15x): "
+                     f"{'met' if ratio <= 1.15 else 'missed'}")
+    by_batch: dict[int, dict[str, dict]] = {}
+    for r in result["throughput"]:
+        by_batch.setdefault(r["batch"], {})[r["variant"]] = r
+    for batch, variants in sorted(by_batch.items()):
+        ours = variants["engine, SnapKV cache"]
+        full = variants["transformers generate, full DynamicCache"]
+        speedup = ours["tokens_per_second"] / full["tokens_per_second"]
+        lines.append(f"- batch {batch}: engine {speedup:.2f}x transformers' full-cache tokens/s"
+                     + (f" (target at batch 8: at least 6x): {'met' if speedup >= 6 else 'missed'}" if batch == 8 else "")
+                     + f"; step {ours['x_bound']:.1f}x the bandwidth bound (target: at most 2x): "
+                     f"{'met' if ours['x_bound'] <= 2 else 'missed'}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer lengths and steps")
+    parser.add_argument("--budget", type=int, default=512)
+    args = parser.parse_args()
+    if args.quick:
+        result = run([1024, 8192], [1, 8], args.budget, 4096, steps=4)
+    else:
+        result = run([1024, 2048, 4096, 8192], [1, 4, 8], args.budget, 4096, steps=16)
+    print(summarize(result))
+    progress(f"wrote {write_json('decode', result)}")
+
+
+if __name__ == "__main__":
+    main()
