@@ -28,6 +28,7 @@ from snapkv.proto import serving_pb2_grpc as pb_grpc
 from snapkv.sampling import make_generator
 from snapkv.sequence import SequenceState
 from snapkv.serving import add_health_and_reflection
+from snapkv.transport import MAX_LOAD_KV_MESSAGE_BYTES, MAX_REPLY_BYTES, ServerTLS, add_port, message_size_options
 from snapkv.wire import KVAssembler, MalformedKVError, WireError
 
 logger = logging.getLogger(__name__)
@@ -174,8 +175,9 @@ async def serve(
     lease_s: float = 30.0,
     max_batch_size: int = 32,
     metrics: DecodeMetrics | None = None,
+    tls: ServerTLS | None = None,
 ) -> tuple[grpc.aio.Server, int, DecodeServicer]:
-    """Start a decode server on `address`; return it, the bound port and the servicer.
+    """Start a decode server on `address`, over TLS when `tls` is set; return it, the bound port and the servicer.
 
     `metrics` defaults to a `DecodeMetrics` in a registry of its own, for tests and embedded use.
     The command line passes one on the global registry, which its /metrics endpoint serves.
@@ -191,19 +193,19 @@ async def serve(
     metrics.kv_resident_bytes.set_function(lambda: memory.reserved_bytes)
     metrics.kv_budget_bytes.set(kv_budget_bytes)
 
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=message_size_options(MAX_LOAD_KV_MESSAGE_BYTES, MAX_REPLY_BYTES))
     pb_grpc.add_DecodeServicer_to_server(servicer, server)
-    port = server.add_insecure_port(address)
-    if port == 0:
-        raise OSError(f"could not bind the decode server to {address}")
+    port = add_port(server, address, tls)
 
     scheduler.start()
     await add_health_and_reflection(server, [SERVICE_NAME])
     await server.start()
     servicer.lease_task = asyncio.create_task(expire_leases(loaded, min(1.0, lease_s / 4), metrics))
     logger.info(
-        "decode worker serving %s on port %d: kv budget %d bytes, lease %.1f s, max batch %d",
-        engine.name, port, kv_budget_bytes, lease_s, max_batch_size,
+        "decode worker serving %s on port %d: kv budget %d bytes, lease %.1f s, max batch %d, "
+        "TLS %s, client certificates %s",
+        engine.name, port, kv_budget_bytes, lease_s, max_batch_size, "on" if tls else "off",
+        "required" if tls and tls.client_ca_file else "not required",
     )
     return server, port, servicer
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from snapkv.config import CompressionConfig
+from snapkv.transport import ChannelTLS
 from snapkv.wire import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES
 
 
@@ -22,6 +23,8 @@ class PrefillConfig:
     `gpus_per_actor` None means one GPU per actor when the Ray cluster has GPUs, else none.
     `compression` applies to requests without a `compression` field. `actor_start_timeout_s` bounds
     model loading in each actor; the first start of the embedded model converts its weights.
+    `decode_tls` opens the channels to decode workers with TLS. The actors read its files, so on a
+    multi-node Ray cluster the files must exist at the same paths on every node that runs an actor.
     """
 
     num_actors: int = 1
@@ -33,6 +36,7 @@ class PrefillConfig:
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     cache_dir: Path | None = None
+    decode_tls: ChannelTLS | None = None
 
     def __post_init__(self) -> None:
         _require(_is_int(self.num_actors) and self.num_actors >= 1, "num_actors", self.num_actors, "an integer >= 1")

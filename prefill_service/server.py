@@ -28,6 +28,7 @@ from snapkv.model import DEFAULT_MODEL
 from snapkv.proto import serving_pb2 as pb
 from snapkv.proto import serving_pb2_grpc as pb_grpc
 from snapkv.serving import add_health_and_reflection
+from snapkv.transport import MAX_PREFILL_REQUEST_BYTES, MAX_REPLY_BYTES, ServerTLS, add_port, message_size_options
 
 logger = logging.getLogger(__name__)
 
@@ -91,16 +92,18 @@ async def serve(
     ray_address: str | None = None,
     *,
     metrics: PrefillMetrics | None = None,
+    tls: ServerTLS | None = None,
     **settings,
 ) -> tuple[grpc.aio.Server, int]:
     """Start the actors, wait until each has loaded the model, then serve Prefill on `address`.
 
     Uses the Ray this process is already connected to. Otherwise it connects to `ray_address`, or
     starts a local Ray on loopback when `ray_address` is None (see `prefill_service.local_ray`).
-    `cpus_per_actor` None shares this machine's cores among the actors. `settings` are further
-    `PrefillConfig` fields. `metrics` defaults to a `PrefillMetrics` in a registry of its own. Returns
-    the server and the bound port. `await shutdown(server)` stops the server, kills the actors and
-    stops a Ray that `serve` started.
+    `cpus_per_actor` None shares this machine's cores among the actors. `tls` serves over TLS.
+    `settings` are further `PrefillConfig` fields, `decode_tls` among them for the KV transfers.
+    `metrics` defaults to a `PrefillMetrics` in a registry of its own. Returns the server and the
+    bound port. `await shutdown(server)` stops the server, kills the actors and stops a Ray that
+    `serve` started.
     """
     if cpus_per_actor is None:
         cpus_per_actor = max(1, (os.cpu_count() or 1) // num_actors)
@@ -112,7 +115,7 @@ async def serve(
     if num_gpus is None:
         num_gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     pool = ActorPool(model_spec, config, num_gpus, metrics)
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=message_size_options(MAX_PREFILL_REQUEST_BYTES, MAX_REPLY_BYTES))
 
     async def shutdown_actors() -> None:
         await pool.close()
@@ -122,9 +125,7 @@ async def serve(
     try:
         await pool.start()
         pb_grpc.add_PrefillServicer_to_server(PrefillServicer(pool, metrics), server)
-        port = server.add_insecure_port(address)
-        if port == 0:
-            raise OSError(f"could not bind the prefill server to {address}")
+        port = add_port(server, address, tls)
         # Handlers must be registered before the server starts; every actor has loaded by now, so SERVING is true.
         health = await add_health_and_reflection(server, [SERVICE_NAME])
         await server.start()
@@ -146,8 +147,10 @@ async def serve(
     server.prefill_pool = pool
     logger.info(
         "prefill server serving %s on port %d: num_actors=%d, cpus_per_actor=%d, gpus_per_actor=%s, "
-        "transfer_timeout_s=%.0f, default %s",
-        model_spec, port, config.num_actors, config.cpus_per_actor, num_gpus, config.transfer_timeout_s, config.compression,
+        "transfer_timeout_s=%.0f, default %s, TLS %s, client certificates %s, TLS to decode %s",
+        model_spec, port, config.num_actors, config.cpus_per_actor, num_gpus, config.transfer_timeout_s,
+        config.compression, "on" if tls else "off", "required" if tls and tls.client_ca_file else "not required",
+        "on" if config.decode_tls else "off",
     )
     return server, port
 

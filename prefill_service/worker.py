@@ -2,7 +2,7 @@
 
 `PrefillActor` runs a `PrefillWorker` inside a Ray actor; tests and benchmarks can use it in process.
 The worker sends each cache with Decode.LoadKV over a synchronous gRPC channel, one channel per decode
-address, kept open between requests.
+address, kept open between requests, with TLS when the config's `decode_tls` is set.
 
 Limitations: one request per forward pass (no batching across requests), and the forward pass itself
 cannot be interrupted, so a cancelled request stops only between prefill and transfer or during the
@@ -25,6 +25,7 @@ from snapkv.engine import Engine, PrefillResult, Request
 from snapkv.messages import compression_from_proto, model_fingerprint, sampling_from_proto
 from snapkv.proto import serving_pb2 as pb
 from snapkv.proto import serving_pb2_grpc as pb_grpc
+from snapkv.transport import MAX_LOAD_KV_MESSAGE_BYTES, MAX_REPLY_BYTES, message_size_options, open_channel
 from snapkv.wire import encode_kv, load_kv_requests
 from snapkv.wire_tensors import WIRE_TYPES
 
@@ -181,7 +182,8 @@ class PrefillWorker:
 
     def _stub(self, address: str) -> pb_grpc.DecodeStub:
         if address not in self._channels:
-            channel = grpc.insecure_channel(address)
+            options = message_size_options(MAX_REPLY_BYTES, MAX_LOAD_KV_MESSAGE_BYTES)
+            channel = open_channel(address, self.config.decode_tls, options)
             self._channels[address] = (channel, pb_grpc.DecodeStub(channel))
         return self._channels[address][1]
 

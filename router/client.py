@@ -8,6 +8,9 @@
 
 `generate` yields one `Delta` per TextDelta and ends with one `Summary`. Every failure, a stream that
 ends without a Final message included, raises `SnapKVError` carrying the gRPC status code.
+
+For a router with TLS, pass `tls=ChannelTLS(ca_file=...)` (with `cert_file` and `key_file` when the
+router requires client certificates); for one that requires a bearer token, pass `auth_token`.
 """
 
 from __future__ import annotations
@@ -17,9 +20,18 @@ from typing import AsyncIterator, Iterator, Mapping, Sequence
 
 import grpc
 
+from router.auth import bearer_metadata
 from snapkv.messages import GQA_REDUCTION_TO_PROTO, POOLING_TO_PROTO
 from snapkv.proto import serving_pb2 as pb
 from snapkv.proto import serving_pb2_grpc as pb_grpc
+from snapkv.transport import (
+    MAX_GENERATE_REQUEST_BYTES,
+    MAX_REPLY_BYTES,
+    ChannelTLS,
+    message_size_options,
+    open_aio_channel,
+    open_channel,
+)
 
 WIRE_DTYPES = {
     "fp16": pb.WIRE_DTYPE_FP16,
@@ -28,6 +40,7 @@ WIRE_DTYPES = {
     "fp32": pb.WIRE_DTYPE_FP32,
 }
 FINISH_REASONS = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
+CHANNEL_OPTIONS = message_size_options(MAX_REPLY_BYTES, MAX_GENERATE_REQUEST_BYTES)
 
 
 class SnapKVError(Exception):
@@ -185,12 +198,20 @@ def _join(items: Sequence[Delta | Summary]) -> Completion:
 
 
 class SnapKVClient:
-    """Blocking client of the router at `address` ("host:port")."""
+    """Blocking client of the router at `address` ("host:port"), over TLS when `tls` is set."""
 
-    def __init__(self, address: str, timeout_s: float | None = None):
-        self.channel = grpc.insecure_channel(address)
+    def __init__(
+        self,
+        address: str,
+        timeout_s: float | None = None,
+        *,
+        tls: ChannelTLS | None = None,
+        auth_token: str | None = None,
+    ):
+        self.channel = open_channel(address, tls, CHANNEL_OPTIONS)
         self.stub = pb_grpc.RouterStub(self.channel)
         self.timeout_s = timeout_s
+        self._metadata = None if auth_token is None else bearer_metadata(auth_token)
 
     def generate(
         self,
@@ -205,7 +226,7 @@ class SnapKVClient:
         Closing the iterator early cancels the request. `timeout_s` (or the client's) is the deadline.
         """
         request = build_request(prompt, messages, **options)
-        call = self.stub.Generate(request, timeout=timeout_s or self.timeout_s)
+        call = self.stub.Generate(request, timeout=timeout_s or self.timeout_s, metadata=self._metadata)
         finished = False
         try:
             for response in call:
@@ -239,12 +260,23 @@ class SnapKVClient:
 
 
 class AsyncSnapKVClient:
-    """asyncio client of the router at `address` ("host:port"); create it inside the running loop."""
+    """asyncio client of the router at `address` ("host:port"); create it inside the running loop.
 
-    def __init__(self, address: str, timeout_s: float | None = None):
-        self.channel = grpc.aio.insecure_channel(address)
+    Takes the arguments of `SnapKVClient`.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        timeout_s: float | None = None,
+        *,
+        tls: ChannelTLS | None = None,
+        auth_token: str | None = None,
+    ):
+        self.channel = open_aio_channel(address, tls, CHANNEL_OPTIONS)
         self.stub = pb_grpc.RouterStub(self.channel)
         self.timeout_s = timeout_s
+        self._metadata = None if auth_token is None else bearer_metadata(auth_token)
 
     async def generate(
         self,
@@ -256,7 +288,7 @@ class AsyncSnapKVClient:
     ) -> AsyncIterator[Delta | Summary]:
         """Stream a completion like `SnapKVClient.generate`; cancelling the consumer cancels the request."""
         request = build_request(prompt, messages, **options)
-        call = self.stub.Generate(request, timeout=timeout_s or self.timeout_s)
+        call = self.stub.Generate(request, timeout=timeout_s or self.timeout_s, metadata=self._metadata)
         finished = False
         try:
             async for response in call:

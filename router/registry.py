@@ -14,6 +14,10 @@ healthy at its first successful check, so that start-up waits for one check inst
 `healthy_threshold`. Decode workers that pass the check are also asked for Decode.Status, which gives
 their free KV memory to the kv_aware policy.
 
+With TLS, each worker's certificate is checked against the host name of its configured target rather
+than against the resolved IP, so a certificate for "decode.snapkv.svc" serves every pod behind that
+name. A target given as an IP address is checked against that IP.
+
 Limitations: health comes only from these periodic checks. A worker that fails requests while it
 still reports SERVING keeps getting traffic, and only the router's single retry before the first
 token protects the client. The free KV memory is as old as the last Status poll, so kv_aware sends
@@ -23,6 +27,7 @@ a burst of requests that arrives between two polls to the same worker.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import socket
 from dataclasses import dataclass, field
@@ -34,6 +39,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from router.policies import WorkerLoad
 from snapkv.proto import serving_pb2 as pb
 from snapkv.proto import serving_pb2_grpc as pb_grpc
+from snapkv.transport import (
+    MAX_PREFILL_REQUEST_BYTES,
+    MAX_REPLY_BYTES,
+    ChannelTLS,
+    message_size_options,
+    open_aio_channel,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +54,12 @@ DECODE = "decode"
 POOL_SERVICES = {
     PREFILL: pb.DESCRIPTOR.services_by_name["Prefill"].full_name,
     DECODE: pb.DESCRIPTOR.services_by_name["Decode"].full_name,
+}
+
+# Prefill channels send whole prompts as token ids; decode channels send only handles and status polls.
+CHANNEL_OPTIONS = {
+    PREFILL: message_size_options(MAX_REPLY_BYTES, MAX_PREFILL_REQUEST_BYTES),
+    DECODE: message_size_options(MAX_REPLY_BYTES, MAX_REPLY_BYTES),
 }
 
 Resolver = Callable[[str], Awaitable[list[str]]]
@@ -75,6 +93,16 @@ def split_host_port(target: str) -> tuple[str, int]:
     if not separator or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"invalid worker address {target!r}: expected host:port with a port in 1..65535")
     return host, int(port)
+
+
+def tls_server_name(target: str) -> str | None:
+    """Return the name a worker's certificate must carry: the target's host, or None for an IP address."""
+    host, _ = split_host_port(target)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    return None
 
 
 def join_host_port(host: str, port: int) -> str:
@@ -147,8 +175,10 @@ class WorkerRegistry:
         config: RegistryConfig = RegistryConfig(),
         resolver: Resolver = resolve_target,
         on_health_change: Callable[[], Awaitable[None]] | None = None,
+        tls: ChannelTLS | None = None,
     ):
         self.config = config
+        self._tls = tls
         self._resolver = resolver
         self._on_health_change = on_health_change
         self._pools: dict[str, _Pool] = {}
@@ -230,14 +260,14 @@ class WorkerRegistry:
     async def resolve(self) -> None:
         """Resolve every target again, adding workers for new addresses and retiring the vanished ones."""
         for pool_name, pool in self._pools.items():
-            addresses: dict[str, None] = {}
+            addresses: dict[str, str] = {}  # resolved address -> the target it came from
             for target in pool.targets:
                 for address in await self._resolve_target(pool, target):
-                    addresses[address] = None
+                    addresses.setdefault(address, target)
 
-            for address in addresses:
+            for address, target in addresses.items():
                 if address not in pool.workers:
-                    pool.workers[address] = self._connect(pool_name, address)
+                    pool.workers[address] = self._connect(pool_name, address, target)
                     logger.info("added %s worker %s", pool_name, address)
             for address in [address for address in pool.workers if address not in addresses]:
                 worker = pool.workers.pop(address)
@@ -265,8 +295,9 @@ class WorkerRegistry:
         pool.resolved[target] = addresses
         return addresses
 
-    def _connect(self, pool: str, address: str) -> Worker:
-        channel = grpc.aio.insecure_channel(address)
+    def _connect(self, pool: str, address: str, target: str) -> Worker:
+        tls = None if self._tls is None else self._tls.with_server_name(tls_server_name(target))
+        channel = open_aio_channel(address, tls, CHANNEL_OPTIONS[pool])
         stub = pb_grpc.PrefillStub(channel) if pool == PREFILL else pb_grpc.DecodeStub(channel)
         return Worker(pool, address, channel, stub, health_pb2_grpc.HealthStub(channel))
 

@@ -26,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 from transformers import PreTrainedTokenizerBase
 
+from router.auth import BearerTokenInterceptor
 from router.metrics import RouterMetrics
 from router.policies import POLICIES
 from router.registry import DECODE, PREFILL, RegistryConfig, Worker, WorkerRegistry
@@ -34,6 +35,15 @@ from snapkv.messages import sampling_to_proto
 from snapkv.proto import serving_pb2 as pb
 from snapkv.proto import serving_pb2_grpc as pb_grpc
 from snapkv.text import TextStream, stop_token_ids
+from snapkv.transport import (
+    MAX_GENERATE_REQUEST_BYTES,
+    MAX_REPLY_BYTES,
+    ChannelTLS,
+    ServerTLS,
+    add_port,
+    is_loopback_address,
+    message_size_options,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -258,12 +268,17 @@ async def serve(
     prefill_policy: str = "least_loaded",
     registry_config: RegistryConfig = RegistryConfig(),
     metrics: RouterMetrics | None = None,
+    tls: ServerTLS | None = None,
+    peer_tls: ChannelTLS | None = None,
+    auth_token: str | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """Start the router on `address` after one round of worker resolution and health checks.
 
     `policy` picks decode workers (round_robin, least_loaded or kv_aware) and `prefill_policy` picks
-    prefill workers (least_loaded or round_robin). Return the server and the bound port. Stopping
-    the server also stops the worker registry and closes its channels.
+    prefill workers (least_loaded or round_robin). `tls` serves clients over TLS, `peer_tls` opens
+    the channels to the workers with TLS, and `auth_token` requires that bearer token on every call
+    except health checks and reflection. Return the server and the bound port. Stopping the server
+    also stops the worker registry and closes its channels.
     """
     if policy not in POLICIES:
         raise ValueError(f"invalid policy={policy!r}: expected one of {sorted(POLICIES)}")
@@ -278,18 +293,25 @@ async def serve(
         decode_addresses,
         registry_config,
         on_health_change=lambda: _publish_readiness(health_servicer, registry),
+        tls=peer_tls,
     )
     # Without `metrics`, a registry of its own keeps tests and embedded routers apart.
     metrics = metrics or RouterMetrics("-", address, CollectorRegistry())
     servicer = RouterServicer(tokenizer, registry, policy, prefill_policy, max_context, metrics)
 
-    server = grpc.aio.server()
+    server = grpc.aio.server(
+        interceptors=[] if auth_token is None else [BearerTokenInterceptor(auth_token)],
+        options=message_size_options(MAX_GENERATE_REQUEST_BYTES, MAX_REPLY_BYTES),
+    )
     pb_grpc.add_RouterServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, reflection.SERVICE_NAME, health.SERVICE_NAME), server)
-    port = server.add_insecure_port(address)
-    if port == 0:
-        raise OSError(f"could not bind the router to {address}")
+    port = add_port(server, address, tls)
+    if auth_token is not None and tls is None and not is_loopback_address(address):
+        logger.warning(
+            "the router requires a bearer token but serves %s without TLS, so tokens cross the network in clear text",
+            address,
+        )
 
     await registry.start()
     await server.start()
@@ -297,10 +319,16 @@ async def serve(
     await _publish_readiness(health_servicer, registry)
     _REGISTRY_CLOSERS[server] = asyncio.create_task(_close_after_termination(server, registry))
     logger.info(
-        "router serving on port %d: decode policy %s, prefill policy %s, max context %s, prefill %s, decode %s, %s",
+        "router serving on port %d: decode policy %s, prefill policy %s, max context %s, prefill %s, decode %s, %s, "
+        "TLS %s, client certificates %s, worker TLS %s, bearer token %s",
         port, policy, prefill_policy, max_context, prefill_addresses, decode_addresses, registry_config,
+        _on_off(tls), _on_off(tls and tls.client_ca_file), _on_off(peer_tls), _on_off(auth_token),
     )
     return server, port
+
+
+def _on_off(setting: object) -> str:
+    return "on" if setting else "off"
 
 
 async def _publish_readiness(health_servicer: health.aio.HealthServicer, registry: WorkerRegistry) -> None:

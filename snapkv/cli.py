@@ -14,11 +14,13 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from snapkv import cli_security
 from snapkv.config import POOLING_KINDS, CompressionConfig, SamplingParams
 
 logger = logging.getLogger("snapkv_serve")
 
 CACHE_DIR_VARIABLE = "SNAPKV_CACHE_DIR"
+AUTH_TOKEN_VARIABLE = "SNAPKV_AUTH_TOKEN"  # read by `generate --target` when --auth-token-file is not given
 DEFAULT_MODEL_SPEC = "embedded:smollm2-135m-instruct"  # snapkv.model.DEFAULT_MODEL, without importing torch
 WIRE_DTYPES = ("fp16", "bf16", "int8", "fp32")
 
@@ -52,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--local", action="store_true", help="run the model in this process")
     where.add_argument("--target", metavar="HOST:PORT", help="send the request to a running router")
     add_generation_options(generate)
+    cli_security.add_client_options(generate, AUTH_TOKEN_VARIABLE)
 
     demo = commands.add_parser("demo", help="start the stack, send one request through the router, stop")
     add_generation_options(demo)
@@ -94,6 +97,7 @@ def add_service_commands(commands) -> None:
         command.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
         command.add_argument("--model", default=DEFAULT_MODEL_SPEC, help="Hugging Face id, local path, or tiny-llama for tests")
         command.add_argument("--cache-dir", type=Path, default=None, help=f"folder for converted weights (${CACHE_DIR_VARIABLE})")
+        cli_security.add_server_options(command, outgoing=name != "decode")
         return command
 
     decode = service("decode", "run a decode worker", 50053)
@@ -116,12 +120,20 @@ def add_service_commands(commands) -> None:
     router.add_argument("--prefill", action="append", required=True, metavar="HOST:PORT", help="prefill server (repeatable)")
     router.add_argument("--decode", action="append", required=True, metavar="HOST:PORT", help="decode worker (repeatable)")
     router.add_argument("--policy", choices=("round_robin", "least_loaded", "kv_aware"), default="least_loaded")
+    router.add_argument(
+        "--auth-token-file", type=Path, metavar="FILE",
+        help="require 'authorization: Bearer <token>' metadata with the token in this file on every call "
+        "except health checks and reflection",
+    )
 
     up = commands.add_parser("up", help="run router, prefill (local Ray) and decode on this machine, on loopback")
     up.add_argument("--port", type=int, default=50051, help="router port (default 50051)")
     up.add_argument("--metrics-port", type=int, default=9400, help="first of three metrics ports: decode, prefill, router (default 9400)")
     up.add_argument("--model", default=DEFAULT_MODEL_SPEC, help="Hugging Face id, local path, or tiny-llama for tests")
     up.add_argument("--cache-dir", type=Path, default=None, help=f"folder for converted weights (${CACHE_DIR_VARIABLE})")
+    up.add_argument(
+        "--auth-token-file", type=Path, metavar="FILE", help="make the router require the bearer token stored in this file"
+    )
 
 
 def read_prompt(args: argparse.Namespace) -> str:
@@ -210,6 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "cache_dir", None) is None and os.environ.get(CACHE_DIR_VARIABLE):
         args.cache_dir = Path(os.environ[CACHE_DIR_VARIABLE])
     try:
+        cli_security.apply_options(args)
+        sends_to_router = args.command == "generate" and not args.local
+        if sends_to_router and args.auth_token is None and os.environ.get(AUTH_TOKEN_VARIABLE):
+            args.auth_token = os.environ[AUTH_TOKEN_VARIABLE]
         return dispatch(args)
     except KeyboardInterrupt:
         print("snapkv-serve: interrupted", file=sys.stderr)

@@ -15,9 +15,12 @@ import socket
 import subprocess
 import sys
 import time
+from typing import Mapping, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from snapkv.transport import ChannelTLS, open_channel
 
 logger = logging.getLogger("snapkv_serve")
 
@@ -56,7 +59,7 @@ def run_decode(args: argparse.Namespace) -> int:
         address = f"{args.host}:{args.port}"
         server, port, servicer = await serve(
             engine, address, args.kv_budget_mib << 20, args.lease_s, args.max_batch_size,
-            DecodeMetrics(engine.name, worker_name(args.port)),
+            DecodeMetrics(engine.name, worker_name(args.port)), tls=args.tls,
         )
         print(f"decode worker listening on {args.host}:{port}", flush=True)
         await serve_until_signal(server, servicer.close)
@@ -81,7 +84,7 @@ def run_prefill(args: argparse.Namespace) -> int:
         server, port = await serve(
             args.model, f"{args.host}:{args.port}", num_actors=args.actors, cpus_per_actor=args.cpus_per_actor,
             ray_address=args.ray_address, gpus_per_actor=args.gpus_per_actor, cache_dir=args.cache_dir,
-            metrics=PrefillMetrics(args.model, worker_name(args.port)),
+            metrics=PrefillMetrics(args.model, worker_name(args.port)), tls=args.tls, decode_tls=args.peer_tls,
         )
         print(f"prefill server listening on {args.host}:{port}", flush=True)
         await serve_until_signal(server, server.shutdown_actors)
@@ -102,7 +105,8 @@ def run_router(args: argparse.Namespace) -> int:
     async def main() -> None:
         server, port = await serve(
             tokenizer, args.prefill, args.decode, f"{args.host}:{args.port}", policy=args.policy,
-            metrics=RouterMetrics(args.model, worker_name(args.port)),
+            metrics=RouterMetrics(args.model, worker_name(args.port)), tls=args.tls, peer_tls=args.peer_tls,
+            auth_token=args.auth_token,
         )
         print(f"router listening on {args.host}:{port}", flush=True)
         await serve_until_signal(server)
@@ -131,10 +135,12 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def wait_healthy(name: str, address: str, process: subprocess.Popen, timeout_s: float) -> None:
+def wait_healthy(
+    name: str, address: str, process: subprocess.Popen, timeout_s: float, tls: ChannelTLS | None = None
+) -> None:
     """Poll grpc.health.v1 at `address` until SERVING; raise if the process exits or time runs out."""
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
+    with open_channel(address, tls) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if process.poll() is not None:
@@ -153,7 +159,9 @@ class LocalStack:
     """Decode, prefill and router as child processes of this one, on loopback.
 
     Each service starts only after the previous one reports SERVING over grpc.health.v1. `stop()`
-    sends SIGTERM to all (router first) and kills any still running 15 s later.
+    sends SIGTERM to all (router first) and kills any still running 15 s later. `service_options`
+    adds command-line options per service name, and `health_tls` is how the health checks connect
+    when those options turn TLS on.
     """
 
     def __init__(
@@ -164,6 +172,8 @@ class LocalStack:
         cache_dir=None,
         log_level: str = "WARNING",
         decode_options: tuple[str, ...] = (),
+        service_options: Mapping[str, Sequence[str]] | None = None,
+        health_tls: ChannelTLS | None = None,
     ):
         self.ports = {"decode": free_port(), "prefill": free_port(), "router": router_port or free_port()}
         self.metrics_ports = (
@@ -178,10 +188,12 @@ class LocalStack:
             "router": ["router", "--prefill", self.address("prefill"), "--decode", self.address("decode")],
         }
         for name, command in self.commands.items():
-            command += ["--port", str(self.ports[name]), *common]
+            command += ["--host", LOOPBACK, "--port", str(self.ports[name]), *common]
+            command += (service_options or {}).get(name, ())
             if name in self.metrics_ports:
                 command += ["--metrics-port", str(self.metrics_ports[name])]
         self.log_level = log_level
+        self.health_tls = health_tls
         self.processes: dict[str, subprocess.Popen] = {}
 
     def address(self, name: str) -> str:
@@ -198,7 +210,7 @@ class LocalStack:
         # Idle OpenMP threads sleep instead of spinning, so neighbouring services keep their cores.
         env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
         self.processes[name] = subprocess.Popen(argv, stdout=subprocess.DEVNULL, env=env)
-        wait_healthy(name, self.address(name), self.processes[name], timeout_s)
+        wait_healthy(name, self.address(name), self.processes[name], timeout_s, self.health_tls)
 
     def check_running(self) -> None:
         for name, process in self.processes.items():
@@ -235,7 +247,11 @@ def run_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
 
-    with LocalStack(args.model, args.port, args.metrics_port, args.cache_dir, args.log_level) as stack:
+    router_options = [] if args.auth_token_file is None else ["--auth-token-file", str(args.auth_token_file)]
+    stack = LocalStack(
+        args.model, args.port, args.metrics_port, args.cache_dir, args.log_level, service_options={"router": router_options}
+    )
+    with stack:
         stack.start()
         for name, port in stack.metrics_ports.items():
             print(f"{name} metrics on http://{LOOPBACK}:{port}/metrics", flush=True)
@@ -308,7 +324,7 @@ def _stream_from_router(args: argparse.Namespace, pieces: list[str]):
     else:
         compression = {"budget": args.budget, "window": args.window, "kernel": args.kernel, "pooling": args.pooling}
     summary = None
-    with SnapKVClient(args.target, timeout_s=args.timeout) as client:
+    with SnapKVClient(args.target, timeout_s=args.timeout, tls=args.tls, auth_token=args.auth_token) as client:
         items = client.generate(
             read_prompt(args), raw=args.raw, max_tokens=args.max_tokens, temperature=args.temperature,
             top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop, wire_dtype=args.wire_dtype,

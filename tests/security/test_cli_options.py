@@ -1,0 +1,143 @@
+"""The TLS and token flags: incomplete combinations and unreadable files fail at once, with one line
+naming the flag or the file, before any model loads."""
+
+import argparse
+
+import pytest
+
+from snapkv import cli
+from snapkv.cli_security import apply_options, read_token_file
+from snapkv.transport import ChannelTLS, ServerTLS
+from tests.security.certs import make_authority, make_leaf
+
+GENERATE = ["generate", "--target", "127.0.0.1:1", "--prompt", "x"]
+ROUTER = ["router", "--prefill", "127.0.0.1:1", "--decode", "127.0.0.1:2"]
+
+
+@pytest.fixture
+def files(tmp_path):
+    ca = make_authority(tmp_path, "ca")
+    leaf = make_leaf(ca, tmp_path, "leaf")
+    return {"ca": str(ca.cert_file), "cert": str(leaf.cert_file), "key": str(leaf.key_file), "folder": tmp_path}
+
+
+def parse(argv):
+    args = cli.build_parser().parse_args(argv)
+    apply_options(args)
+    return args
+
+
+def run_cli(argv, capsys):
+    status = cli.main(argv)
+    return status, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["decode", "--tls-cert", "a.crt"], "--tls-cert and --tls-key go together"),
+        (["decode", "--tls-client-ca", "ca.crt"], "--tls-client-ca requires --tls-cert and --tls-key"),
+        (["prefill", "--peer-tls-name", "decode.svc"], "--peer-tls-name requires --peer-ca"),
+        (GENERATE + ["--tls-key", "k"], "--tls-cert and --tls-key go together"),
+        (GENERATE + ["--tls-server-name", "a"], "--tls-server-name requires"),
+    ],
+)
+def test_incomplete_flags_fail(capsys, argv, message):
+    status, err = run_cli(argv, capsys)
+    assert status == 1
+    assert message in err
+
+
+def test_missing_certificate_file_fails(capsys, files):
+    status, err = run_cli(["decode", "--tls-cert", "/nonexistent/decode.crt", "--tls-key", files["key"]], capsys)
+    assert status == 1
+    assert "could not read the TLS certificate file /nonexistent/decode.crt" in err
+
+
+def test_non_pem_file_fails(capsys, files):
+    garbage = files["folder"] / "garbage.crt"
+    garbage.write_text("not a certificate")
+    status, err = run_cli(ROUTER + ["--peer-ca", str(garbage)], capsys)
+    assert status == 1
+    assert f"invalid CA certificate file {garbage}: expected PEM text" in err
+
+
+def test_empty_token_file_fails(tmp_path):
+    empty = tmp_path / "token"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match="is empty"):
+        read_token_file(empty)
+
+
+def test_service_flags_become_tls_settings(files):
+    args = parse([
+        "prefill", "--tls-cert", files["cert"], "--tls-key", files["key"], "--tls-client-ca", files["ca"],
+        "--peer-ca", files["ca"], "--peer-tls-name", "decode.snapkv.svc",
+    ])
+    assert args.tls == ServerTLS(args.tls_cert, args.tls_key, args.tls_client_ca)
+    assert args.peer_tls == ChannelTLS(args.peer_ca, args.tls_cert, args.tls_key, "decode.snapkv.svc")
+    assert args.auth_token is None
+
+
+def test_no_flags_keep_plaintext(files):
+    for argv in (["decode"], ROUTER, GENERATE):
+        args = parse(argv)
+        assert args.tls is None
+        assert args.peer_tls is None
+        assert args.auth_token is None
+
+
+def test_client_flags_and_token(files):
+    token_file = files["folder"] / "token"
+    token_file.write_text("  abc123  \n")
+    args = parse(GENERATE + ["--tls-ca", files["ca"], "--auth-token-file", str(token_file)])
+    assert args.tls == ChannelTLS(args.tls_ca)
+    assert args.auth_token == "abc123"
+
+
+def dispatched_args(monkeypatch, argv):
+    """Run `cli.main(argv)` up to the command handler; return the namespace the handler would get."""
+    dispatched = []
+
+    def record(args):
+        dispatched.append(args)
+        return 0
+
+    monkeypatch.setattr(cli, "dispatch", record)
+    assert cli.main(argv) == 0
+    return dispatched[0]
+
+
+def test_token_variable_used_by_generate(monkeypatch):
+    monkeypatch.setenv(cli.AUTH_TOKEN_VARIABLE, "from-environment")
+    args = dispatched_args(monkeypatch, GENERATE)
+    assert args.auth_token == "from-environment"
+
+
+def test_token_file_beats_variable(monkeypatch, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("from-file")
+    monkeypatch.setenv(cli.AUTH_TOKEN_VARIABLE, "from-environment")
+    args = dispatched_args(monkeypatch, GENERATE + ["--auth-token-file", str(token_file)])
+    assert args.auth_token == "from-file"
+
+
+def test_up_passes_token_file_to_router(tmp_path, monkeypatch):
+    from snapkv import cli_services
+
+    token_file = tmp_path / "token"
+    token_file.write_text("t")
+    stacks = []
+
+    class RecordingStack(cli_services.LocalStack):
+        def start(self, timeout_s=0):
+            stacks.append(self)
+            raise KeyboardInterrupt  # stop before any process starts
+
+    monkeypatch.setattr(cli_services, "LocalStack", RecordingStack)
+    monkeypatch.setattr(cli_services.signal, "signal", lambda signum, handler: None)  # keep pytest's handlers
+    assert cli.main(["up", "--model", "tiny-llama", "--auth-token-file", str(token_file)]) == 130
+    [stack] = stacks
+    router = stack.commands["router"]
+    assert router[router.index("--auth-token-file") + 1] == str(token_file)
+    assert "--auth-token-file" not in stack.commands["decode"] + stack.commands["prefill"]
