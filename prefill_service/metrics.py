@@ -54,6 +54,14 @@ class PrefillMetrics:
         self.in_flight = self.in_flight.labels(model, worker)
         self.ready_actors = Gauge("snapkv_prefill_ready_actors", "Actors in the rotation.", labels, registry=registry)
         self.ready_actors = self.ready_actors.labels(model, worker)
+        self.actor_resident_bytes = Gauge(
+            "snapkv_prefill_actor_resident_bytes", "Resident memory of each Ray prefill actor after its last request.",
+            (*labels, "actor"), registry=registry,
+        )
+
+    def observe_actor(self, actor_index: int, response: pb.PrefillResponse) -> None:
+        """Record what actor `actor_index` reported about itself with a response."""
+        self.actor_resident_bytes.labels(*self.labels, str(actor_index)).set(response.actor_resident_bytes)
 
     def observe(self, response: pb.PrefillResponse) -> None:
         """Record the figures of one successful request."""

@@ -27,6 +27,7 @@ from prefill_service.actor import PrefillActor
 from prefill_service.config import PrefillConfig
 from prefill_service.errors import DecodeTransferError, PrefillError
 from prefill_service.metrics import PrefillMetrics
+from snapkv.proto import serving_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +129,9 @@ class ActorPool:
         slot.in_flight += 1
         ref = actor.prefill.remote(request_bytes)
         try:
-            return await ref
+            response_bytes = await ref
+            self.metrics.observe_actor(slot.index, pb.PrefillResponse.FromString(response_bytes))
+            return response_bytes
         except asyncio.CancelledError:
             # Drops the task if it is still queued; a running one stops at its next cancellation check.
             ray.cancel(ref)

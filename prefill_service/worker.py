@@ -22,6 +22,7 @@ import grpc
 from prefill_service.config import PrefillConfig
 from prefill_service.errors import DecodeTransferError, InvalidPrefillRequest, PrefillCancelled, PrefillError
 from snapkv.engine import Engine, PrefillResult, Request
+from snapkv.memory import resident_bytes
 from snapkv.messages import compression_from_proto, model_fingerprint, sampling_from_proto
 from snapkv.proto import serving_pb2 as pb
 from snapkv.proto import serving_pb2_grpc as pb_grpc
@@ -131,6 +132,7 @@ class PrefillWorker:
         finish_reason = self.finish_reason_at_first_token(result)
         if finish_reason is not None:
             response.finish_reason = FINISH_REASONS[finish_reason]
+            response.actor_resident_bytes = resident_bytes()
             return response
         if is_cancelled():
             raise PrefillCancelled(f"request {parsed.request.request_id} was cancelled after prefill")
@@ -138,6 +140,7 @@ class PrefillWorker:
         started = time.perf_counter()
         response.handle, response.kv_bytes_sent = self.push(result, parsed, is_cancelled)
         response.transfer_s = time.perf_counter() - started
+        response.actor_resident_bytes = resident_bytes()
         return response
 
     def finish_reason_at_first_token(self, result: PrefillResult) -> str | None:

@@ -187,12 +187,15 @@ ROWS: list[tuple[str, list[Panel]]] = [
         ),
         Panel(
             "Process memory",
-            "Resident memory of each service process (Ray prefill actors are processes of their own and not included).",
-            [(
-                "{{service}} {{worker}}",
-                "process_resident_memory_bytes * on (job, instance) group_left (service, model, worker) "
-                f"snapkv_service_info{{{SCOPE}}}",
-            )],
+            "Resident memory of each service process, and of each Ray prefill actor after its last request.",
+            [
+                (
+                    "{{service}} {{worker}}",
+                    "process_resident_memory_bytes * on (job, instance) group_left (service, model, worker) "
+                    f"snapkv_service_info{{{SCOPE}}}",
+                ),
+                ("{{worker}} actor {{actor}}", f"sum by (worker, actor) (snapkv_prefill_actor_resident_bytes{{{SCOPE}}})"),
+            ],
             unit="bytes",
             width=16,
         ),

@@ -226,7 +226,7 @@ class PrefillRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., compression: _Optional[_Union[Compression, _Mapping]] = ..., decode_address: _Optional[str] = ..., wire_dtype: _Optional[_Union[WireDtype, str]] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("handle", "first_token_id", "prompt_tokens", "kept_tokens", "kv_bytes_full", "kv_bytes_sent", "queue_s", "prefill_s", "transfer_s", "finish_reason")
+    __slots__ = ("handle", "first_token_id", "prompt_tokens", "kept_tokens", "kv_bytes_full", "kv_bytes_sent", "queue_s", "prefill_s", "transfer_s", "finish_reason", "actor_resident_bytes")
     HANDLE_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -237,6 +237,7 @@ class PrefillResponse(_message.Message):
     PREFILL_S_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_S_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
     handle: str
     first_token_id: int
     prompt_tokens: int
@@ -247,7 +248,8 @@ class PrefillResponse(_message.Message):
     prefill_s: float
     transfer_s: float
     finish_reason: FinishReason
-    def __init__(self, handle: _Optional[str] = ..., first_token_id: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., kept_tokens: _Optional[int] = ..., kv_bytes_full: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., queue_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., transfer_s: _Optional[float] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ...) -> None: ...
+    actor_resident_bytes: int
+    def __init__(self, handle: _Optional[str] = ..., first_token_id: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., kept_tokens: _Optional[int] = ..., kv_bytes_full: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., queue_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., transfer_s: _Optional[float] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., actor_resident_bytes: _Optional[int] = ...) -> None: ...
 
 class KVHeader(_message.Message):
     __slots__ = ("format_version", "model", "request_id", "prompt_length", "kept_lengths", "wire_dtype", "scale_layout", "compression", "payload_bytes", "checksum_algorithm", "num_chunks", "chunk_bytes", "first_token_id", "sampling", "context_token_ids")

@@ -204,6 +204,9 @@ def test_counts_match_client_summaries(prometheus, traffic):
     generated = scalar(prometheus, "sum(snapkv_decode_generated_tokens_total)")
     assert generated + len(PROMPTS) == sum(s.completion_tokens for s in summaries)
     assert scalar(prometheus, "sum(snapkv_decode_kv_resident_bytes)") == 0
+    # The one actor reported its memory: more than the tiny model's weights, less than this machine.
+    actor_bytes = scalar(prometheus, 'snapkv_prefill_actor_resident_bytes{actor="0"}')
+    assert 50 * 2**20 < actor_bytes < 64 * 2**30
 
 
 def test_rules_pass_promtool(tmp_path):
