@@ -40,13 +40,25 @@ $(BENCH_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	touch $(BENCH_STAMP)
 
+# kvpress 0.5.5 needs transformers < 5.3 and this project 5.25, so kvpress gets a virtualenv of its own.
+KVPRESS_VENV := .venv-kvpress
+KVPRESS_STAMP := $(KVPRESS_VENV)/.installed
+$(KVPRESS_STAMP): Makefile
+	$(PYTHON) -m venv $(KVPRESS_VENV)
+	$(KVPRESS_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(KVPRESS_VENV)/bin/python -m pip install --quiet $(TORCH)
+	$(KVPRESS_VENV)/bin/python -m pip install --quiet kvpress==0.5.5 transformers==5.2.0
+	# `kernels`, when present, breaks `from transformers import pipeline` under transformers 5.2.
+	$(KVPRESS_VENV)/bin/python -m pip uninstall --quiet -y kernels
+	touch $(KVPRESS_STAMP)
+
 # The quick benchmarks (a few minutes); results, tables and plots go to docs/benchmarks/.
-bench: $(BENCH_STAMP)
+bench: $(BENCH_STAMP) $(KVPRESS_STAMP)
 	$(BIN)/python -m benchmarks.run
 
 # Every length, batch and case: about an hour on a 2-core CPU.
-bench-full: $(BENCH_STAMP)
+bench-full: $(BENCH_STAMP) $(KVPRESS_STAMP)
 	$(BIN)/python -m benchmarks.run --full
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(KVPRESS_VENV) .pytest_cache

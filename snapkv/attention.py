@@ -61,7 +61,7 @@ class PrefillCapture:
             else:
                 window_queries = queries[b : b + 1, :, -self.config.window :]
                 kept_keys, kept_values, positions = compress_layer(
-                    window_queries, row_keys, row_values, self.config, scaling
+                    window_queries, row_keys, row_values, self.config, scaling, layer_idx
                 )
 
             if self.keys[b] is None:

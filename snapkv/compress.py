@@ -11,6 +11,10 @@ For one layer of one batch of equal-length prompts:
 
 Keys are post-RoPE, so kept entries need no re-rotation, and decoding continues at the original prompt
 length. Nothing here logs above DEBUG, reads global state or performs I/O.
+
+`CompressionConfig.method` can swap steps 1 to 4 and the top-k of step 5 for a baseline from
+`snapkv.selection` (sinks plus recent, or random), which picks the prefix positions without scores.
+The window is appended as in step 5 either way.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from snapkv.config import CompressionConfig
+from snapkv.selection import random_prefix, sinks_recent_prefix
 
 
 def score_prefix(window_queries: torch.Tensor, keys: torch.Tensor, scaling: float, gqa_reduction: str) -> torch.Tensor:
@@ -97,15 +102,25 @@ def gather_positions(states: torch.Tensor, positions: torch.Tensor) -> torch.Ten
 
 
 def kept_positions(
-    window_queries: torch.Tensor, keys: torch.Tensor, config: CompressionConfig, scaling: float
+    window_queries: torch.Tensor, keys: torch.Tensor, config: CompressionConfig, scaling: float, layer_idx: int = 0
 ) -> torch.Tensor:
-    """Return the positions [batch, num_kv_heads, budget] SnapKV keeps, window included, sorted."""
+    """Return the positions [batch, num_kv_heads, budget] that `config.method` keeps, window included, sorted.
+
+    `layer_idx` only seeds the random baseline, so that each layer draws its own positions.
+    """
     batch, num_kv_heads, kv_len, _ = keys.shape
     window = config.window
+    prefix_len = kv_len - window
+    num_keep = config.budget - window
 
-    scores = score_prefix(window_queries, keys, scaling, config.gqa_reduction)
-    scores = pool_scores(scores, config.kernel, config.pooling)
-    prefix_positions = select_positions(scores, config.budget - window)
+    if config.method == "sinks_recent":
+        prefix_positions = sinks_recent_prefix(batch, num_kv_heads, prefix_len, num_keep, keys.device)
+    elif config.method == "random":
+        prefix_positions = random_prefix(batch, num_kv_heads, prefix_len, num_keep, config.seed, layer_idx, keys.device)
+    else:
+        scores = score_prefix(window_queries, keys, scaling, config.gqa_reduction)
+        scores = pool_scores(scores, config.kernel, config.pooling)
+        prefix_positions = select_positions(scores, num_keep)
 
     window_positions = torch.arange(kv_len - window, kv_len, device=keys.device)
     window_positions = window_positions.expand(batch, num_kv_heads, window)
@@ -118,6 +133,7 @@ def compress_layer(
     values: torch.Tensor,
     config: CompressionConfig,
     scaling: float,
+    layer_idx: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Compress one layer's prompt keys and values [batch, num_kv_heads, kv_len, head_dim].
 
@@ -129,5 +145,5 @@ def compress_layer(
     if kv_len <= config.budget:
         return keys, values, None
 
-    positions = kept_positions(window_queries, keys, config, scaling)
+    positions = kept_positions(window_queries, keys, config, scaling, layer_idx)
     return gather_positions(keys, positions), gather_positions(values, positions), positions

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 POOLING_KINDS = ("max", "avg")
 GQA_REDUCTIONS = ("mean", "max")
+# SnapKV, and the baselines of `snapkv.selection` that fill the same budget without scoring.
+SELECTION_METHODS = ("snapkv", "sinks_recent", "random")
 
 
 def _require(condition: bool, field_name: str, value: object, expected: str) -> None:
@@ -28,6 +30,13 @@ class CompressionConfig:
 
     `budget` counts every kept token, the observation window included, so a compressed cache contains
     exactly `budget` positions per KV head. A prompt of at most `budget` tokens is left untouched.
+
+    `method` picks how the positions before the window are chosen. "snapkv" scores them, while
+    "sinks_recent" and "random" are baselines for quality comparisons that ignore `kernel`, `pooling`
+    and `gqa_reduction`. `seed` drives "random" only.
+
+    NOTE: the gRPC `Compression` message carries neither `method` nor `seed`, so requests through the
+    services always use SnapKV. The baselines are reachable in-process only.
     """
 
     window: int = 32
@@ -35,6 +44,8 @@ class CompressionConfig:
     kernel: int = 7
     pooling: str = "max"
     gqa_reduction: str = "mean"
+    method: str = "snapkv"
+    seed: int = 0
 
     def __post_init__(self) -> None:
         _require(_is_int(self.window) and self.window >= 1, "window", self.window, "an integer >= 1")
@@ -56,6 +67,13 @@ class CompressionConfig:
             "gqa_reduction",
             self.gqa_reduction,
             f"one of {GQA_REDUCTIONS}",
+        )
+        _require(self.method in SELECTION_METHODS, "method", self.method, f"one of {SELECTION_METHODS}")
+        _require(
+            _is_int(self.seed) and 0 <= self.seed < 2**32,
+            "seed",
+            self.seed,
+            "an integer in [0, 2**32)",
         )
 
     def kept_length(self, prompt_length: int) -> int:

@@ -14,6 +14,10 @@ from snapkv.config import CompressionConfig, SamplingParams
         ("kernel", 0),
         ("pooling", "median"),
         ("gqa_reduction", "sum"),
+        ("method", "h2o"),
+        ("seed", -1),
+        ("seed", 2**32),
+        ("seed", True),
     ],
 )
 def test_compression_config_rejects(field, value):
@@ -31,6 +35,7 @@ def test_compression_defaults():
         "max",
         "mean",
     )
+    assert (config.method, config.seed) == ("snapkv", 0)
     assert config.kept_length(4000) == 1024
     assert config.kept_length(100) == 100
 
