@@ -62,12 +62,11 @@ def write_report(folder: Path = RESULTS) -> Path:
                       f"Python {m['python']}, PyTorch {m['torch']} ({m['torch_threads']} threads), transformers "
                       f"{m['transformers']}; measured {m['date']}.", ""]
             machine_written = True
-        parts += [f"## {title}", ""]
-        if name == "quality":
+        if name == "quality":  # quality.md brings its own heading
             fragment = folder / "quality.md"
-            parts += [fragment.read_text().strip() if fragment.exists() else "(quality.md missing)", ""]
+            parts += [fragment.read_text().strip() if fragment.exists() else f"## {title}\n\n(quality.md missing)", ""]
         else:
-            parts += [MODULES[name].summarize(result), "", f"![{title}]({name}.png)", ""]
+            parts += [f"## {title}", "", MODULES[name].summarize(result), "", f"![{title}]({name}.png)", ""]
     report = folder / "results.md"
     report.write_text("\n".join(parts))
     return report
