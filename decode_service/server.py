@@ -1,4 +1,5 @@
-"""Decode gRPC server: LoadKV receives a compressed cache, Stream decodes it in the running batch.
+"""Decode gRPC server: LoadKV receives a compressed cache, Stream decodes it in the running batch, and
+Release frees a loaded cache that will not be streamed.
 
 Admission control: a cache is admitted only if its KV memory (the received keys and values plus room
 for `max_tokens` generated positions, in the model's dtype) fits the worker's budget next to every
@@ -27,7 +28,7 @@ from snapkv.proto import serving_pb2 as pb
 from snapkv.proto import serving_pb2_grpc as pb_grpc
 from snapkv.sampling import make_generator
 from snapkv.sequence import SequenceState
-from snapkv.serving import add_health_and_reflection
+from snapkv.serving import MalformedRequestInterceptor, add_health_and_reflection
 from snapkv.transport import MAX_LOAD_KV_MESSAGE_BYTES, MAX_REPLY_BYTES, ServerTLS, add_port, message_size_options
 from snapkv.wire import KVAssembler, MalformedKVError, WireError
 
@@ -139,6 +140,15 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             if not finished:
                 self.scheduler.cancel(job)
 
+    async def Release(self, request, context):
+        entry = self.loaded.release(request.handle)
+        if entry is not None:
+            logger.info(
+                "released the unstreamed KV of request %s (handle %s): freed %d bytes",
+                entry.received.request_id, entry.handle, entry.reserved_bytes,
+            )
+        return pb.ReleaseResponse(released=entry is not None)
+
     def close(self) -> None:
         """Stop the lease checks and the decode loop (failing any sequence still running)."""
         lease_task = getattr(self, "lease_task", None)
@@ -193,7 +203,10 @@ async def serve(
     metrics.kv_resident_bytes.set_function(lambda: memory.reserved_bytes)
     metrics.kv_budget_bytes.set(kv_budget_bytes)
 
-    server = grpc.aio.server(options=message_size_options(MAX_LOAD_KV_MESSAGE_BYTES, MAX_REPLY_BYTES))
+    server = grpc.aio.server(
+        interceptors=[MalformedRequestInterceptor()],
+        options=message_size_options(MAX_LOAD_KV_MESSAGE_BYTES, MAX_REPLY_BYTES),
+    )
     pb_grpc.add_DecodeServicer_to_server(servicer, server)
     port = add_port(server, address, tls)
 

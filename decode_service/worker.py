@@ -1,8 +1,8 @@
 """The decode worker's state outside the batch: KV memory reservations and loaded caches awaiting a stream.
 
 Every cache is reserved before its transfer is accepted and released exactly once: when its sequence
-finishes, is cancelled or fails, when its transfer breaks off, or when no client streams its handle within
-the lease. All methods are safe to call from the gRPC event loop and from the decode thread.
+finishes, is cancelled or fails, when its transfer breaks off, when the router releases a handle it will
+not stream, or when no client streams its handle within the lease. All methods are safe to call from the gRPC event loop and from the decode thread.
 """
 
 from __future__ import annotations
@@ -79,6 +79,13 @@ class LoadedCaches:
         """Take the cache out of the waiting set; None when the handle is unknown, claimed or expired."""
         with self._lock:
             return self._entries.pop(handle, None)
+
+    def release(self, handle: str) -> LoadedKV | None:
+        """Free a waiting cache and return it; None when the handle is unknown, claimed or expired."""
+        entry = self.claim(handle)
+        if entry is not None:
+            self.memory.release(entry.reserved_bytes)
+        return entry
 
     def expire(self, now: float | None = None) -> list[LoadedKV]:
         """Free every cache whose lease has run out; return them."""

@@ -27,7 +27,7 @@ from prefill_service.pool import ActorPool, RequestFailed
 from snapkv.model import DEFAULT_MODEL
 from snapkv.proto import serving_pb2 as pb
 from snapkv.proto import serving_pb2_grpc as pb_grpc
-from snapkv.serving import add_health_and_reflection
+from snapkv.serving import MalformedRequestInterceptor, add_health_and_reflection
 from snapkv.transport import MAX_PREFILL_REQUEST_BYTES, MAX_REPLY_BYTES, ServerTLS, add_port, message_size_options
 
 logger = logging.getLogger(__name__)
@@ -115,7 +115,10 @@ async def serve(
     if num_gpus is None:
         num_gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     pool = ActorPool(model_spec, config, num_gpus, metrics)
-    server = grpc.aio.server(options=message_size_options(MAX_PREFILL_REQUEST_BYTES, MAX_REPLY_BYTES))
+    server = grpc.aio.server(
+        interceptors=[MalformedRequestInterceptor()],
+        options=message_size_options(MAX_PREFILL_REQUEST_BYTES, MAX_REPLY_BYTES),
+    )
 
     async def shutdown_actors() -> None:
         await pool.close()

@@ -22,6 +22,36 @@ from snapkv.text import prompt_ids
 logger = logging.getLogger(__name__)
 
 CHAT_ROLES = ("system", "user", "assistant")
+# Server limits for what one request may ask for. max_tokens is reserved in full on a decode worker
+# before decoding starts, and the budget (which bounds the window) sets the KV kept per request and
+# the size of the attention scores that prefill computes for the window.
+DEFAULT_MAX_TOKENS_LIMIT = 4096
+DEFAULT_BUDGET_LIMIT = 8192
+# Max pooling costs time in proportion to the kernel: a kernel near 2**31 held a prefill actor for
+# 33 s on a 300-token prompt (tiny test model, 2-core CPU), where the usual kernels (5 to 7) take milliseconds.
+DEFAULT_KERNEL_LIMIT = 127
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request may ask for at most; None disables a limit.
+
+    `max_context` bounds prompt tokens plus `max_tokens`; without it, the prefill workers check the
+    model's own context. `max_tokens`, `budget` and `kernel` bound the request fields of those names.
+    The `max_tokens` limit also applies to the default that an unset field takes. The `budget` and
+    `kernel` limits apply only to values a request sets, because the prefill server picks the defaults.
+    """
+
+    max_context: int | None = None
+    max_tokens: int | None = DEFAULT_MAX_TOKENS_LIMIT
+    budget: int | None = DEFAULT_BUDGET_LIMIT
+    kernel: int | None = DEFAULT_KERNEL_LIMIT
+
+    def __post_init__(self) -> None:
+        for name, smallest in (("max_context", 2), ("max_tokens", 1), ("budget", 2), ("kernel", 1)):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < smallest):
+                raise ValueError(f"invalid {name} limit {value!r}: expected an integer >= {smallest} or None")
 
 
 @dataclass(frozen=True)
@@ -36,19 +66,21 @@ class RoutedRequest:
 
 
 def parse_request(
-    request: pb.GenerateRequest, tokenizer: PreTrainedTokenizerBase, max_context: int | None
+    request: pb.GenerateRequest, tokenizer: PreTrainedTokenizerBase, limits: RequestLimits
 ) -> RoutedRequest:
     """Validate and tokenize a GenerateRequest; raise ValueError with a message for the client."""
     sampling = sampling_from_proto(request.sampling)
     compression = request.compression if request.HasField("compression") else None
     if compression is not None:
         compression_from_proto(compression)
+    _check_limits(request, sampling, limits)
     if request.wire_dtype not in pb.WireDtype.values():
         raise ValueError(f"invalid wire_dtype={request.wire_dtype!r}: expected one of {pb.WireDtype.keys()}")
 
     # NOTE: tokenization runs on the event loop thread, so a very long prompt delays the other
     # requests while it is tokenized.
     ids = _tokenize(request, tokenizer)
+    max_context = limits.max_context
     if max_context is not None and len(ids) + sampling.max_tokens > max_context:
         raise ValueError(
             f"the prompt has {len(ids)} tokens and max_tokens={sampling.max_tokens}, {len(ids) + sampling.max_tokens} "
@@ -57,6 +89,26 @@ def parse_request(
 
     request_id = request.request_id if request.request_id else uuid.uuid4().hex
     return RoutedRequest(request_id, ids, sampling, compression, request.wire_dtype)
+
+
+def _check_limits(request: pb.GenerateRequest, sampling: SamplingParams, limits: RequestLimits) -> None:
+    # The fields are unsigned, so a client that encodes a negative number sends a value of 2**31 or
+    # more, which these checks reject.
+    compression = request.compression
+    if sampling.top_k >= 2**31:
+        raise ValueError(f"invalid top_k={sampling.top_k}: expected 0 (no filter) up to {2**31 - 1}; it cannot be negative")
+    if limits.max_tokens is not None and sampling.max_tokens > limits.max_tokens:
+        unset = "" if request.sampling.HasField("max_tokens") else " (the default for an unset max_tokens)"
+        raise ValueError(
+            f"invalid max_tokens={sampling.max_tokens}{unset}: this server allows at most {limits.max_tokens} "
+            "generated tokens"
+        )
+    if limits.budget is not None and compression.HasField("budget") and compression.budget > limits.budget:
+        raise ValueError(
+            f"invalid budget={compression.budget}: this server keeps at most {limits.budget} positions per KV head"
+        )
+    if limits.kernel is not None and compression.HasField("kernel") and compression.kernel > limits.kernel:
+        raise ValueError(f"invalid kernel={compression.kernel}: this server allows pooling kernels up to {limits.kernel}")
 
 
 def _tokenize(request: pb.GenerateRequest, tokenizer: PreTrainedTokenizerBase) -> list[int]:

@@ -12,12 +12,14 @@ Failures:
 - After the first token, a failure ends the call with UNAVAILABLE, DEADLINE_EXCEEDED or ABORTED and a
   message stating that the output is incomplete. A stream that ends without a finish reason is ABORTED.
 - A client that cancels cancels the Prefill or Stream call in flight, and the client's deadline
-  becomes the timeout of each outgoing call.
+  becomes the timeout of each outgoing call. A cache that prefill loaded into a decode worker but no
+  stream consumed to its end is released with Decode.Release.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 
 import grpc
@@ -30,10 +32,11 @@ from router.auth import BearerTokenInterceptor
 from router.metrics import RouterMetrics
 from router.policies import POLICIES
 from router.registry import DECODE, PREFILL, RegistryConfig, Worker, WorkerRegistry
-from router.requests import RequestTrace, RoutedRequest, final_message, log_finished, parse_request
+from router.requests import RequestLimits, RequestTrace, RoutedRequest, final_message, log_finished, parse_request
 from snapkv.messages import sampling_to_proto
 from snapkv.proto import serving_pb2 as pb
 from snapkv.proto import serving_pb2_grpc as pb_grpc
+from snapkv.serving import MalformedRequestInterceptor
 from snapkv.text import TextStream, stop_token_ids
 from snapkv.transport import (
     MAX_GENERATE_REQUEST_BYTES,
@@ -51,6 +54,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Router"].full_name
 PREFILL_POLICIES = ("least_loaded", "round_robin")
 MAX_PREFILL_ATTEMPTS = 2  # the first call and one retry
 RETRYABLE_PREFILL_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED)
+RELEASE_TIMEOUT_S = 5.0
 
 # The task that closes each server's worker registry once the server stops. It also keeps the task
 # alive, because asyncio keeps only weak references to tasks.
@@ -81,7 +85,7 @@ class RouterServicer(pb_grpc.RouterServicer):
         registry: WorkerRegistry,
         policy: str,
         prefill_policy: str,
-        max_context: int | None,
+        limits: RequestLimits,
         metrics: RouterMetrics,
     ):
         self.metrics = metrics
@@ -90,8 +94,9 @@ class RouterServicer(pb_grpc.RouterServicer):
         self.registry = registry
         self.decode_policy = POLICIES[policy]
         self.prefill_policy = POLICIES[prefill_policy]
-        self.max_context = max_context
+        self.limits = limits
         self.stop_ids = stop_token_ids(tokenizer, ())
+        self._releases: set[asyncio.Task] = set()  # referenced until done, so that none is garbage-collected
 
     async def Generate(self, request, context):
         # Written with context.write rather than as an async generator, so that a client's
@@ -100,7 +105,7 @@ class RouterServicer(pb_grpc.RouterServicer):
         trace = RequestTrace()
         try:
             try:
-                routed = parse_request(request, self.tokenizer, self.max_context)
+                routed = parse_request(request, self.tokenizer, self.limits)
             except ValueError as error:
                 raise RouteError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from error
             trace.request_id = routed.request_id
@@ -123,14 +128,40 @@ class RouterServicer(pb_grpc.RouterServicer):
 
     async def _generate(self, routed: RoutedRequest, trace: RequestTrace, context) -> None:
         reply, decode = await self._prefill(routed, context)
+        streamed = not reply.handle
         try:
             trace.prefill = reply
             await context.write(pb.GenerateResponse(delta=self._first_delta(routed, reply, trace)))
             if reply.handle:
                 await self._relay(decode, reply.handle, trace, context)
+                streamed = True
         finally:
+            if not streamed:
+                self._free_unstreamed_kv(decode, reply.handle, routed.request_id)
             self.registry.release(decode)
         await context.write(pb.GenerateResponse(final=final_message(trace, routed.wire_dtype)))
+
+    def _free_unstreamed_kv(self, decode: Worker, handle: str, request_id: str) -> None:
+        """Ask the decode worker to free a cache whose stream did not run to its end, in the background.
+
+        A client that cancels right after the first token often does so before Decode.Stream has
+        claimed the handle, which would leave the cache held until its lease runs out. Release is a
+        no-op for a handle that a stream claimed, because that stream frees the cache itself.
+        """
+        task = asyncio.create_task(self._release(decode, handle, request_id))
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+
+    @staticmethod
+    async def _release(decode: Worker, handle: str, request_id: str) -> None:
+        try:
+            reply = await decode.stub.Release(pb.ReleaseRequest(handle=handle), timeout=RELEASE_TIMEOUT_S)
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError) as error:
+            # The cache is freed anyway when its lease runs out, or was freed with a worker that died.
+            logger.debug("request %s: releasing handle %s on %s failed: %s", request_id, handle, decode.address, error)
+            return
+        if reply.released:
+            logger.info("request %s: freed its unstreamed KV cache on %s", request_id, decode.address)
 
     def _first_delta(self, routed: RoutedRequest, reply: pb.PrefillResponse, trace: RequestTrace) -> pb.TextDelta:
         """Detokenize the first token, and set the finish reason when prefill finished the request with it."""
@@ -271,21 +302,25 @@ async def serve(
     tls: ServerTLS | None = None,
     peer_tls: ChannelTLS | None = None,
     auth_token: str | None = None,
+    limits: RequestLimits = RequestLimits(),
 ) -> tuple[grpc.aio.Server, int]:
     """Start the router on `address` after one round of worker resolution and health checks.
 
     `policy` picks decode workers (round_robin, least_loaded or kv_aware) and `prefill_policy` picks
     prefill workers (least_loaded or round_robin). `tls` serves clients over TLS, `peer_tls` opens
     the channels to the workers with TLS, and `auth_token` requires that bearer token on every call
-    except health checks and reflection. Return the server and the bound port. Stopping the server
-    also stops the worker registry and closes its channels.
+    except health checks and reflection. `limits` bounds what one request may ask for, and
+    `max_context`, when given, replaces its `max_context`. Return the server and the bound port.
+    Stopping the server also stops the worker registry and closes its channels.
     """
     if policy not in POLICIES:
         raise ValueError(f"invalid policy={policy!r}: expected one of {sorted(POLICIES)}")
     if prefill_policy not in PREFILL_POLICIES:
         raise ValueError(f"invalid prefill_policy={prefill_policy!r}: expected one of {PREFILL_POLICIES}")
-    if max_context is not None and (not isinstance(max_context, int) or max_context < 2):
-        raise ValueError(f"invalid max_context={max_context!r}: expected an integer >= 2 or None")
+    if max_context is not None:
+        if not isinstance(max_context, int) or max_context < 2:
+            raise ValueError(f"invalid max_context={max_context!r}: expected an integer >= 2 or None")
+        limits = dataclasses.replace(limits, max_context=max_context)
 
     health_servicer = health.aio.HealthServicer()
     registry = WorkerRegistry(
@@ -297,10 +332,12 @@ async def serve(
     )
     # Without `metrics`, a registry of its own keeps tests and embedded routers apart.
     metrics = metrics or RouterMetrics("-", address, CollectorRegistry())
-    servicer = RouterServicer(tokenizer, registry, policy, prefill_policy, max_context, metrics)
+    servicer = RouterServicer(tokenizer, registry, policy, prefill_policy, limits, metrics)
 
+    # Authentication runs first, so that an unauthenticated call gets UNAUTHENTICATED even when its request is malformed.
+    interceptors = [] if auth_token is None else [BearerTokenInterceptor(auth_token)]
     server = grpc.aio.server(
-        interceptors=[] if auth_token is None else [BearerTokenInterceptor(auth_token)],
+        interceptors=[*interceptors, MalformedRequestInterceptor()],
         options=message_size_options(MAX_GENERATE_REQUEST_BYTES, MAX_REPLY_BYTES),
     )
     pb_grpc.add_RouterServicer_to_server(servicer, server)
@@ -319,9 +356,9 @@ async def serve(
     await _publish_readiness(health_servicer, registry)
     _REGISTRY_CLOSERS[server] = asyncio.create_task(_close_after_termination(server, registry))
     logger.info(
-        "router serving on port %d: decode policy %s, prefill policy %s, max context %s, prefill %s, decode %s, %s, "
+        "router serving on port %d: decode policy %s, prefill policy %s, %s, prefill %s, decode %s, %s, "
         "TLS %s, client certificates %s, worker TLS %s, bearer token %s",
-        port, policy, prefill_policy, max_context, prefill_addresses, decode_addresses, registry_config,
+        port, policy, prefill_policy, limits, prefill_addresses, decode_addresses, registry_config,
         _on_off(tls), _on_off(tls and tls.client_ca_file), _on_off(peer_tls), _on_off(auth_token),
     )
     return server, port

@@ -120,6 +120,15 @@ def add_service_commands(commands) -> None:
     router.add_argument("--prefill", action="append", required=True, metavar="HOST:PORT", help="prefill server (repeatable)")
     router.add_argument("--decode", action="append", required=True, metavar="HOST:PORT", help="decode worker (repeatable)")
     router.add_argument("--policy", choices=("round_robin", "least_loaded", "kv_aware"), default="least_loaded")
+    # The defaults repeat router.requests.DEFAULT_*_LIMIT, which this module does not import: it loads transformers.
+    router.add_argument(
+        "--max-tokens-limit", type=int, default=4096, metavar="N",
+        help="largest max_tokens a request may set; decode reserves KV memory for all of them (default 4096)",
+    )
+    router.add_argument(
+        "--budget-limit", type=int, default=8192, metavar="N",
+        help="largest SnapKV budget a request may set, in kept positions per KV head (default 8192)",
+    )
     router.add_argument(
         "--auth-token-file", type=Path, metavar="FILE",
         help="require 'authorization: Bearer <token>' metadata with the token in this file on every call "

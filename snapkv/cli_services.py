@@ -95,6 +95,7 @@ def run_prefill(args: argparse.Namespace) -> int:
 
 def run_router(args: argparse.Namespace) -> int:
     from router.metrics import RouterMetrics
+    from router.requests import RequestLimits
     from router.server import serve
     from snapkv.model import resolve_tokenizer
     from snapkv.serving import serve_until_signal
@@ -106,7 +107,7 @@ def run_router(args: argparse.Namespace) -> int:
         server, port = await serve(
             tokenizer, args.prefill, args.decode, f"{args.host}:{args.port}", policy=args.policy,
             metrics=RouterMetrics(args.model, worker_name(args.port)), tls=args.tls, peer_tls=args.peer_tls,
-            auth_token=args.auth_token,
+            auth_token=args.auth_token, limits=RequestLimits(max_tokens=args.max_tokens_limit, budget=args.budget_limit),
         )
         print(f"router listening on {args.host}:{port}", flush=True)
         await serve_until_signal(server)
@@ -161,7 +162,8 @@ class LocalStack:
     Each service starts only after the previous one reports SERVING over grpc.health.v1. `stop()`
     sends SIGTERM to all (router first) and kills any still running 15 s later. `service_options`
     adds command-line options per service name, and `health_tls` is how the health checks connect
-    when those options turn TLS on.
+    when those options turn TLS on. With `num_decode_workers` above 1, the extra decode workers are
+    named "decode-2", "decode-3" and so on, get `decode_options` too, and the router uses them all.
     """
 
     def __init__(
@@ -174,19 +176,22 @@ class LocalStack:
         decode_options: tuple[str, ...] = (),
         service_options: Mapping[str, Sequence[str]] | None = None,
         health_tls: ChannelTLS | None = None,
+        num_decode_workers: int = 1,
     ):
-        self.ports = {"decode": free_port(), "prefill": free_port(), "router": router_port or free_port()}
+        decode_names = ["decode"] + [f"decode-{number}" for number in range(2, num_decode_workers + 1)]
+        self.ports = {name: free_port() for name in decode_names}
+        self.ports.update(prefill=free_port(), router=router_port or free_port())
         self.metrics_ports = (
             {} if metrics_port is None else {name: metrics_port + i for i, name in enumerate(self.ports)}
         )
         common = ["--model", model] + (["--cache-dir", str(cache_dir)] if cache_dir else [])
         # Decode and prefill share this machine's cores; see `split_cores`.
         decode_threads, prefill_cpus = split_cores(os.cpu_count() or 1)
-        self.commands = {
-            "decode": ["decode", "--threads", str(decode_threads), *decode_options],
-            "prefill": ["prefill", "--cpus-per-actor", str(prefill_cpus)],
-            "router": ["router", "--prefill", self.address("prefill"), "--decode", self.address("decode")],
-        }
+        self.commands = {name: ["decode", "--threads", str(decode_threads), *decode_options] for name in decode_names}
+        self.commands["prefill"] = ["prefill", "--cpus-per-actor", str(prefill_cpus)]
+        self.commands["router"] = ["router", "--prefill", self.address("prefill")]
+        for name in decode_names:
+            self.commands["router"] += ["--decode", self.address(name)]
         for name, command in self.commands.items():
             command += ["--host", LOOPBACK, "--port", str(self.ports[name]), *common]
             command += (service_options or {}).get(name, ())

@@ -24,7 +24,11 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
     if params.greedy:
         return int(torch.argmax(logits))
 
-    scaled = logits.float() / params.temperature
+    # Subtracting the largest logit leaves the distribution unchanged. With the temperature held at
+    # fp32's smallest normal number, a tiny temperature then gives 0 for the top token and -inf for
+    # the others, which is greedy decoding (the limit as the temperature goes to 0), instead of NaN.
+    logits = logits.float()
+    scaled = (logits - logits.max()) / max(params.temperature, torch.finfo(torch.float32).tiny)
     if params.top_k > 0 and params.top_k < scaled.shape[-1]:
         kth_largest = torch.topk(scaled, params.top_k).values[-1]
         scaled = scaled.masked_fill(scaled < kth_largest, float("-inf"))

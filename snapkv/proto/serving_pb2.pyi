@@ -317,6 +317,18 @@ class StreamRequest(_message.Message):
     handle: str
     def __init__(self, handle: _Optional[str] = ...) -> None: ...
 
+class ReleaseRequest(_message.Message):
+    __slots__ = ("handle",)
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    handle: str
+    def __init__(self, handle: _Optional[str] = ...) -> None: ...
+
+class ReleaseResponse(_message.Message):
+    __slots__ = ("released",)
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    released: bool
+    def __init__(self, released: _Optional[bool] = ...) -> None: ...
+
 class TokenEvent(_message.Message):
     __slots__ = ("token_ids", "text", "finish_reason")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]

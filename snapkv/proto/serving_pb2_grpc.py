@@ -210,6 +210,11 @@ class DecodeStub:
                 request_serializer=snapkv_dot_serving_dot_v1_dot_serving__pb2.StreamRequest.SerializeToString,
                 response_deserializer=snapkv_dot_serving_dot_v1_dot_serving__pb2.TokenEvent.FromString,
                 _registered_method=True)
+        self.Release = channel.unary_unary(
+                '/snapkv.serving.v1.Decode/Release',
+                request_serializer=snapkv_dot_serving_dot_v1_dot_serving__pb2.ReleaseRequest.SerializeToString,
+                response_deserializer=snapkv_dot_serving_dot_v1_dot_serving__pb2.ReleaseResponse.FromString,
+                _registered_method=True)
         self.Status = channel.unary_unary(
                 '/snapkv.serving.v1.Decode/Status',
                 request_serializer=snapkv_dot_serving_dot_v1_dot_serving__pb2.StatusRequest.SerializeToString,
@@ -237,6 +242,14 @@ class DecodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Release(self, request, context):
+        """Free a loaded cache that will not be streamed, such as when the client cancelled before decoding
+        started. A handle that is unknown, expired or already streaming is left alone.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Status(self, request, context):
         """Current load, for the router's kv_aware policy.
         """
@@ -256,6 +269,11 @@ def add_DecodeServicer_to_server(servicer, server):
                     servicer.Stream,
                     request_deserializer=snapkv_dot_serving_dot_v1_dot_serving__pb2.StreamRequest.FromString,
                     response_serializer=snapkv_dot_serving_dot_v1_dot_serving__pb2.TokenEvent.SerializeToString,
+            ),
+            'Release': grpc.unary_unary_rpc_method_handler(
+                    servicer.Release,
+                    request_deserializer=snapkv_dot_serving_dot_v1_dot_serving__pb2.ReleaseRequest.FromString,
+                    response_serializer=snapkv_dot_serving_dot_v1_dot_serving__pb2.ReleaseResponse.SerializeToString,
             ),
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
@@ -320,6 +338,33 @@ class Decode:
             '/snapkv.serving.v1.Decode/Stream',
             snapkv_dot_serving_dot_v1_dot_serving__pb2.StreamRequest.SerializeToString,
             snapkv_dot_serving_dot_v1_dot_serving__pb2.TokenEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Release(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/snapkv.serving.v1.Decode/Release',
+            snapkv_dot_serving_dot_v1_dot_serving__pb2.ReleaseRequest.SerializeToString,
+            snapkv_dot_serving_dot_v1_dot_serving__pb2.ReleaseResponse.FromString,
             options,
             channel_credentials,
             insecure,

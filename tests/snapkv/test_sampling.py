@@ -39,3 +39,10 @@ def test_seed_repeats_and_differs():
     params = SamplingParams(temperature=5.0, seed=42)
     assert draws(params) == draws(params)
     assert draws(params) != draws(SamplingParams(temperature=5.0, seed=43))
+
+
+def test_tiny_temperature_is_greedy():
+    # 1e-300 underflows to 0 in fp32, where dividing the logits by it gave NaN probabilities.
+    for temperature in (1e-300, 1e-40):
+        params = SamplingParams(temperature=temperature, seed=0)
+        assert set(draws(params, 20)) == {1}
