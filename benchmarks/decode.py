@@ -65,11 +65,12 @@ class StepClock(StoppingCriteria):
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
-def transformers_step_seconds(engine: Engine, batch: int, cached: int, steps: int) -> float:
-    """Return the mean seconds of a `generate` step with a `DynamicCache` of `cached` random positions."""
+def transformers_step_seconds(engine: Engine, model, batch: int, cached: int, steps: int) -> float:
+    """Return the mean seconds of a `generate` step of `model` (as loaded, without the engine's changes)
+    with a `DynamicCache` of `cached` random positions."""
     num_layers, num_kv_heads, head_dim = model_shape(engine)
     generator = torch.Generator().manual_seed(batch)
-    cache = DynamicCache(config=engine.model.config)
+    cache = DynamicCache(config=model.config)
     for layer in range(num_layers):
         shape = (batch, num_kv_heads, cached, head_dim)
         cache.update(torch.randn(shape, generator=generator), torch.randn(shape, generator=generator), layer)
@@ -77,7 +78,7 @@ def transformers_step_seconds(engine: Engine, batch: int, cached: int, steps: in
     input_ids = torch.zeros((batch, cached + 1), dtype=torch.long)
     clock = StepClock()
     with torch.inference_mode():
-        engine.model.generate(
+        model.generate(
             input_ids=input_ids, attention_mask=torch.ones_like(input_ids), past_key_values=cache,
             max_new_tokens=steps + 2, min_new_tokens=steps + 2, do_sample=False,
             stopping_criteria=StoppingCriteriaList([clock]), pad_token_id=engine.pad_id,
@@ -116,6 +117,8 @@ def kv_bytes(engine: Engine, batch: int, positions: int) -> int:
 
 def run(lengths: list[int], batches: list[int], budget: int, throughput_length: int, steps: int) -> dict:
     engine = Engine(load_model())
+    # transformers runs its own copy of the model: the engine packs its linear layers' weights.
+    plain_model = load_model().model
     tpot = []
     for length in lengths:
         for variant, kept in (("snapkv", min(budget, length)), ("full", length)):
@@ -132,9 +135,9 @@ def run(lengths: list[int], batches: list[int], budget: int, throughput_length: 
         cases = {
             "engine, SnapKV cache": (engine_step_seconds(engine, prompts, steps), budget),
             "transformers generate, full DynamicCache": (
-                transformers_step_seconds(engine, batch, throughput_length, steps), throughput_length),
+                transformers_step_seconds(engine, plain_model, batch, throughput_length, steps), throughput_length),
             "transformers generate, compressed DynamicCache": (
-                transformers_step_seconds(engine, batch, budget, steps), budget),
+                transformers_step_seconds(engine, plain_model, batch, budget, steps), budget),
         }
         for variant, (seconds, positions) in cases.items():
             bound = (weights + kv_bytes(engine, batch, positions)) / bandwidth

@@ -24,6 +24,7 @@ from snapkv import attention
 from snapkv.config import CompressionConfig, SamplingParams
 from snapkv.kv_cache import BatchCache, PromptCache
 from snapkv.model import LoadedModel
+from snapkv.packed_linear import pack_linears, packed_linear_available
 from snapkv.sampling import make_generator, sample_token
 from snapkv.sequence import SequenceState
 from snapkv.text import stop_token_ids
@@ -66,7 +67,9 @@ class TokenEvent:
 class Engine:
     """Prefill, SnapKV compression and batched decoding on one loaded model."""
 
-    def __init__(self, loaded: LoadedModel):
+    def __init__(self, loaded: LoadedModel, pack_weights: bool | None = None):
+        """`pack_weights` None packs the linear layers' weights for oneDNN when the model is fp32 on a
+        CPU and PyTorch has the operators (see `snapkv.packed_linear`); False keeps `nn.Linear`."""
         config = loaded.model.config
         if getattr(config, "sliding_window", None) is not None:
             raise ValueError(
@@ -78,6 +81,9 @@ class Engine:
         self.name = loaded.name
         self.attention = attention.install(self.model)
         self.device = self.model.device
+        if pack_weights is None:
+            pack_weights = self.device.type == "cpu" and self.model.dtype == torch.float32 and packed_linear_available()
+        self.packed_layers = pack_linears(self.model) if pack_weights else 0
         self.num_layers = config.num_hidden_layers
         self.max_context = getattr(config, "max_position_embeddings", None)
         eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]

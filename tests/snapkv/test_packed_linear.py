@@ -1,0 +1,40 @@
+"""oneDNN packed-weight linear layers give nn.Linear's results, and the engine uses them only where asked."""
+
+import pytest
+import torch
+from torch import nn
+
+from snapkv.engine import Engine
+from snapkv.packed_linear import PackedLinear, pack_linears, packed_linear_available
+from snapkv.tiny_models import tiny_model
+
+
+def test_operators_exist_in_pinned_torch():
+    # The engine falls back to nn.Linear without them; with the pinned PyTorch they must be there.
+    assert packed_linear_available()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(1, 48), (2, 48), (8, 48), (3, 5, 48), (4, 1, 48)])
+def test_packed_linear_matches_linear(shape, bias):
+    torch.manual_seed(0)
+    linear = nn.Linear(48, 80, bias=bias)
+    packed = PackedLinear(linear)
+    x = torch.randn(shape)
+    out = packed(x)
+    assert out.shape == (*shape[:-1], 80)
+    torch.testing.assert_close(out, linear(x), rtol=1e-5, atol=1e-5)
+
+
+def test_pack_linears_replaces_every_linear():
+    loaded = tiny_model("llama")
+    num_linears = sum(type(module) is nn.Linear for module in loaded.model.modules())
+    assert pack_linears(loaded.model) == num_linears
+    assert not any(type(module) is nn.Linear for module in loaded.model.modules())
+
+
+def test_engine_packs_only_when_asked():
+    assert Engine(tiny_model("llama")).packed_layers > 0
+    plain = Engine(tiny_model("llama"), pack_weights=False)
+    assert plain.packed_layers == 0
+    assert not any(isinstance(module, PackedLinear) for module in plain.model.modules())
