@@ -20,7 +20,10 @@ from typing import Mapping, Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from snapkv.proto import serving_pb2 as pb
 from snapkv.transport import ChannelTLS, open_channel
+
+ROUTER_SERVICE = pb.DESCRIPTOR.services_by_name["Router"].full_name
 
 logger = logging.getLogger("snapkv_serve")
 
@@ -137,9 +140,10 @@ def free_port() -> int:
 
 
 def wait_healthy(
-    name: str, address: str, process: subprocess.Popen, timeout_s: float, tls: ChannelTLS | None = None
+    name: str, address: str, process: subprocess.Popen, timeout_s: float, tls: ChannelTLS | None = None,
+    service: str = "",
 ) -> None:
-    """Poll grpc.health.v1 at `address` until SERVING; raise if the process exits or time runs out."""
+    """Poll grpc.health.v1 for `service` at `address` until SERVING; raise if the process exits or time runs out."""
     deadline = time.monotonic() + timeout_s
     with open_channel(address, tls) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
@@ -147,7 +151,7 @@ def wait_healthy(
             if process.poll() is not None:
                 raise RuntimeError(f"{name} exited with status {process.returncode} during start-up")
             try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.RpcError:
@@ -215,7 +219,10 @@ class LocalStack:
         # Idle OpenMP threads sleep instead of spinning, so neighbouring services keep their cores.
         env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
         self.processes[name] = subprocess.Popen(argv, stdout=subprocess.DEVNULL, env=env)
-        wait_healthy(name, self.address(name), self.processes[name], timeout_s, self.health_tls)
+        # The router's own service turns SERVING once it has seen a healthy prefill and decode worker,
+        # so a stack that has started can serve its first request.
+        service = ROUTER_SERVICE if name == "router" else ""
+        wait_healthy(name, self.address(name), self.processes[name], timeout_s, self.health_tls, service)
 
     def check_running(self) -> None:
         for name, process in self.processes.items():
