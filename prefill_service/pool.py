@@ -117,7 +117,7 @@ class ActorPool:
             slot.ready = slot.served = True
         self._notify()
 
-    async def prefill(self, request_bytes: bytes) -> bytes:
+    async def prefill(self, request_bytes: bytes) -> pb.PrefillResponse:
         """Run one serialized PrefillRequest on the least busy actor; raise RequestFailed with the status."""
         slot = pick_slot(self.slots)
         if slot is None:
@@ -129,9 +129,9 @@ class ActorPool:
         slot.in_flight += 1
         ref = actor.prefill.remote(request_bytes)
         try:
-            response_bytes = await ref
-            self.metrics.observe_actor(slot.index, pb.PrefillResponse.FromString(response_bytes))
-            return response_bytes
+            response = pb.PrefillResponse.FromString(await ref)
+            self.metrics.observe_actor(slot.index, response)
+            return response
         except asyncio.CancelledError:
             # Drops the task if it is still queued; a running one stops at its next cancellation check.
             ray.cancel(ref)

@@ -45,7 +45,7 @@ class PrefillServicer(pb_grpc.PrefillServicer):
         started = time.perf_counter()
         self.metrics.in_flight.inc()
         try:
-            reply = await self.pool.prefill(request.SerializeToString())
+            response = await self.pool.prefill(request.SerializeToString())
         except RequestFailed as failure:
             self._log_failure(request.request_id or "(no id)", failure)
             self.metrics.count(failure.code.name)
@@ -58,7 +58,6 @@ class PrefillServicer(pb_grpc.PrefillServicer):
         finally:
             self.metrics.in_flight.dec()
 
-        response = pb.PrefillResponse.FromString(reply)
         response.queue_s = max(0.0, time.perf_counter() - started - response.prefill_s - response.transfer_s)
         self.metrics.observe(response)
         self.metrics.count(grpc.StatusCode.OK.name)

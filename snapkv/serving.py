@@ -106,21 +106,19 @@ def _checking_handler(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMe
         (True, True): handler.stream_stream,
     }[kind]
 
+    async def check(request, context):
+        """Reject an unparsed single request; wrap a request stream so each message is checked as it arrives."""
+        if isinstance(request, _UnparsedRequest):
+            await reject(request, context)
+        return checked_stream(request, context) if handler.request_streaming else request
+
     if inspect.isasyncgenfunction(behavior):
         async def checked(request, context):
-            if isinstance(request, _UnparsedRequest):
-                await reject(request, context)
-            if handler.request_streaming:
-                request = checked_stream(request, context)
-            async for response in behavior(request, context):
+            async for response in behavior(await check(request, context), context):
                 yield response
     else:
         async def checked(request, context):
-            if isinstance(request, _UnparsedRequest):
-                await reject(request, context)
-            if handler.request_streaming:
-                request = checked_stream(request, context)
-            result = behavior(request, context)
+            result = behavior(await check(request, context), context)
             return await result if inspect.isawaitable(result) else result
 
     make = {
