@@ -10,8 +10,8 @@ greedily and never stop early, and neither detokenizes.
 - Time per output token (batch 1) for prompts of 1K to 8K tokens: the engine with a SnapKV cache
   of `--budget` positions per KV head, and with the full prompt cache.
 - Tokens per second at batch 1, 4 and 8 on 4K-token prompts: the engine with a SnapKV cache, against
-  `model.generate` with transformers' `DynamicCache` holding the full prompt, and holding the same
-  compressed cache (the gain of compression alone, without the engine's own cache).
+  `model.generate` with transformers' `DynamicCache` of the full prompt. A third case gives that
+  `DynamicCache` the same compressed cache: the gain of compression alone, without the engine.
 - The bound: each decode step reads every weight once and every cached key and value once, so the
   step can take no less than those bytes divided by the measured read bandwidth.
 """

@@ -34,7 +34,7 @@ DEFAULT_KERNEL_LIMIT = 127
 
 @dataclass(frozen=True)
 class RequestLimits:
-    """What one request may ask for at most; None disables a limit.
+    """Upper limits on what one request may ask for; None disables a limit.
 
     `max_context` bounds prompt tokens plus `max_tokens`; without it, the prefill workers check the
     model's own context. `max_tokens`, `budget` and `kernel` bound the request fields of those names.

@@ -2,7 +2,7 @@
 
 Each service exports its own metrics (`decode_service.metrics`, `prefill_service.metrics`,
 `router.metrics`). Process-wide series such as `process_resident_memory_bytes` come from
-prometheus_client's default collectors and carry no service labels; dashboards join them to this
+prometheus_client's default collectors and carry no service labels. Dashboards join them to this
 series on `instance` to label memory by service, model and worker:
 
     process_resident_memory_bytes * on (instance) group_left (service, model, worker) snapkv_service_info

@@ -2,8 +2,8 @@
 
 A decode step multiplies a few rows of activations (one per sequence in the batch) by every weight
 matrix. On the 2-core CPU this project is measured on, PyTorch's default BLAS path ran those products
-at a third of the speed of oneDNN with a pre-packed weight: 87 ms against 26 ms for the 8-row
-vocabulary projection of SmolLM2-135M (576 x 49152). A 1,024-token prefill ran about as fast either
+at a third of the speed of oneDNN with a pre-packed weight. The 8-row vocabulary projection of
+SmolLM2-135M (576 x 49152) took 87 ms against 26 ms. A 1,024-token prefill ran about as fast either
 way. `pack_linears` swaps every `nn.Linear` of a model for a `PackedLinear` that calls oneDNN's kernel.
 
 NOTE: `torch.ops.mkldnn._reorder_linear_weight` and `_linear_pointwise` are the operators PyTorch's

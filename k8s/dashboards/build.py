@@ -25,7 +25,7 @@ RATE = "[$__rate_interval]"
 
 
 def quantiles(metric: str, selector: str, levels: tuple[float, ...]) -> list[tuple[str, str]]:
-    """One histogram_quantile target per level, over the buckets of `metric` summed across workers."""
+    """Return one histogram_quantile target per level, over the buckets of `metric` summed across workers."""
     return [
         (f"p{round(level * 100)}", f"histogram_quantile({level}, sum by (le) (rate({metric}_bucket{{{selector}}}{RATE})))")
         for level in levels

@@ -1,7 +1,7 @@
 """The Grafana dashboard and the Prometheus rules, checked against a real Prometheus server.
 
 A real stack (decode, prefill on local Ray, router; tiny model) runs on loopback with its metrics
-ports; a real Prometheus (Debian's `prometheus`, installed by `make test`) scrapes the three services
+ports. A real Prometheus (Debian's `prometheus`, installed by `make test`) scrapes the three services
 every second and evaluates the shipped rules. After a few real requests, every panel query and every
 rule is run through Prometheus's HTTP API, and the counts are compared with what the client saw.
 """
@@ -139,7 +139,7 @@ def prometheus(stack, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def traffic(stack, prometheus):
-    """Send real requests once Prometheus holds a zero sample of every counter; return their summaries."""
+    """Send real requests once Prometheus has a zero sample of every counter; return their summaries."""
     time.sleep(2)  # two scrapes of the idle stack, so that rates start from zero
     summaries = []
     with SnapKVClient(stack.address("router"), timeout_s=120) as client:
