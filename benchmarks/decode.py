@@ -12,13 +12,18 @@ greedily and never stop early, and neither detokenizes.
 - Tokens per second at batch 1, 4 and 8 on 4K-token prompts: the engine with a SnapKV cache, against
   `model.generate` with transformers' `DynamicCache` of the full prompt. A third case gives that
   `DynamicCache` the same compressed cache: the gain of compression alone, without the engine.
-- The bound: each decode step reads every weight once and every cached key and value once, so the
-  step can take no less than those bytes divided by the measured read bandwidth.
+  A fourth case runs the engine through the model's generic forward instead of `LlamaDecodeStep`.
+  The cases take turns for three rounds, and each reports its median.
+- The bandwidth bound: each decode step reads every weight once and every cached key and value once,
+  so the step can take no less than those bytes divided by the measured read bandwidth.
+- The compute bound: a step also multiplies every row by every weight matrix, 2 x batch x weights
+  floating-point operations, which take no less than that divided by the measured fp32 matmul rate.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -28,6 +33,11 @@ from benchmarks.common import markdown_table, progress, write_json
 from snapkv.engine import Engine
 from snapkv.kv_cache import BatchCache, PromptCache
 from snapkv.model import load_model
+
+
+# run()'s arguments for the quick and the full version.
+QUICK = dict(lengths=[1024, 8192], batches=[1, 8], budget=512, throughput_length=4096, steps=8, rounds=3)
+FULL = dict(lengths=[1024, 2048, 4096, 8192], batches=[1, 4, 8], budget=512, throughput_length=4096, steps=16, rounds=3)
 
 
 def model_shape(engine: Engine) -> tuple[int, int, int]:
@@ -100,6 +110,28 @@ def read_bandwidth(num_bytes: int = 1 << 30, repeats: int = 5) -> float:
     return num_bytes / best
 
 
+def matmul_rate(size: int = 2048, repeats: int = 5) -> float:
+    """Return the best measured fp32 matmul rate in floating-point operations per second."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def linear_flops(engine: Engine, batch: int) -> int:
+    """Floating-point operations of a decode step's linear layers (the vocabulary projection included)."""
+    per_row = sum(
+        2 * module.in_features * module.out_features
+        for module in engine.model.modules()
+        if hasattr(module, "in_features") and hasattr(module, "out_features")
+    )
+    return batch * per_row
+
+
 def weight_bytes(engine: Engine) -> int:
     """Bytes of the model's parameters, tied ones counted once: what one decode step reads."""
     seen, total = set(), 0
@@ -115,41 +147,67 @@ def kv_bytes(engine: Engine, batch: int, positions: int) -> int:
     return 2 * batch * num_layers * num_kv_heads * positions * head_dim * 4
 
 
-def run(lengths: list[int], batches: list[int], budget: int, throughput_length: int, steps: int) -> dict:
-    engine = Engine(load_model())
+def run(lengths: list[int], batches: list[int], budget: int, throughput_length: int, steps: int, rounds: int) -> dict:
+    loaded = load_model()
+    engine = Engine(loaded)
+    # The same modules (already packed) through the model's generic forward: what LlamaDecodeStep saves.
+    generic = Engine(loaded, llama_decode=False)
     # transformers runs its own copy of the model: the engine packs its linear layers' weights.
     plain_model = load_model().model
+    tpot_cases = [(length, variant, kept) for length in lengths
+                  for variant, kept in (("snapkv", min(budget, length)), ("full", length))]
+    tpot_samples: dict[tuple, list[float]] = {case: [] for case in tpot_cases}
+    for round_index in range(rounds):
+        for case in tpot_cases:
+            length, variant, kept = case
+            tpot_samples[case].append(engine_step_seconds(engine, [random_prompt(engine, kept, length, 0)], steps))
+            progress(f"decode: TPOT at {length} tokens, {variant} cache ({kept} kept), round {round_index + 1} of "
+                     f"{rounds}: {tpot_samples[case][-1] * 1e3:.1f} ms")
     tpot = []
-    for length in lengths:
-        for variant, kept in (("snapkv", min(budget, length)), ("full", length)):
-            seconds = engine_step_seconds(engine, [random_prompt(engine, kept, length, 0)], steps)
-            tpot.append({"prompt_tokens": length, "cache": variant, "kept": kept, "seconds": seconds})
-            progress(f"decode: TPOT at {length} tokens, {variant} cache ({kept} kept): {seconds * 1e3:.1f} ms")
+    for (length, variant, kept), samples in tpot_samples.items():
+        tpot.append({"prompt_tokens": length, "cache": variant, "kept": kept, "seconds": statistics.median(samples),
+                     "round_seconds": samples})
 
     bandwidth = read_bandwidth()
+    flop_rate = matmul_rate()
     weights = weight_bytes(engine)
-    progress(f"decode: read bandwidth {bandwidth / 1e9:.1f} GB/s, weights {weights / 2**20:.0f} MiB")
+    progress(f"decode: read bandwidth {bandwidth / 1e9:.1f} GB/s, fp32 matmul {flop_rate / 1e9:.1f} GFLOP/s, "
+             f"weights {weights / 2**20:.0f} MiB")
     throughput = []
     for batch in batches:
         prompts = [random_prompt(engine, budget, throughput_length, seed) for seed in range(batch)]
         cases = {
-            "engine, SnapKV cache": (engine_step_seconds(engine, prompts, steps), budget),
+            "engine, SnapKV cache": (lambda: engine_step_seconds(engine, prompts, steps), budget),
+            "engine with the generic forward, SnapKV cache": (
+                lambda: engine_step_seconds(generic, prompts, steps), budget),
             "transformers generate, full DynamicCache": (
-                transformers_step_seconds(engine, plain_model, batch, throughput_length, steps), throughput_length),
+                lambda: transformers_step_seconds(engine, plain_model, batch, throughput_length, steps),
+                throughput_length),
             "transformers generate, compressed DynamicCache": (
-                transformers_step_seconds(engine, plain_model, batch, budget, steps), budget),
+                lambda: transformers_step_seconds(engine, plain_model, batch, budget, steps), budget),
         }
-        for variant, (seconds, positions) in cases.items():
+        samples: dict[str, list[float]] = {variant: [] for variant in cases}
+        for round_index in range(rounds):
+            for variant, (measure, _) in cases.items():
+                samples[variant].append(measure())
+            progress(f"decode: batch {batch}, round {round_index + 1} of {rounds}: " + ", ".join(
+                f"{variant} {times[-1] * 1e3:.1f} ms" for variant, times in samples.items()))
+        for variant, (_, positions) in cases.items():
+            seconds = statistics.median(samples[variant])
             bound = (weights + kv_bytes(engine, batch, positions)) / bandwidth
+            compute_bound = linear_flops(engine, batch) / flop_rate
             throughput.append({
                 "batch": batch, "variant": variant, "positions": positions, "step_seconds": seconds,
-                "tokens_per_second": batch / seconds, "bound_seconds": bound, "x_bound": seconds / bound,
+                "round_seconds": samples[variant], "tokens_per_second": batch / seconds, "bound_seconds": bound,
+                "x_bound": seconds / bound, "compute_bound_seconds": compute_bound,
+                "x_roofline": seconds / max(bound, compute_bound),
             })
             progress(f"decode: batch {batch}, {variant}: {seconds * 1e3:.1f} ms/step, {batch / seconds:.1f} tokens/s, "
-                     f"{seconds / bound:.1f}x the bound")
+                     f"{seconds / bound:.1f}x the bandwidth bound")
     return {
-        "budget": budget, "throughput_prompt_tokens": throughput_length, "steps": steps,
-        "read_bandwidth_bytes_per_second": bandwidth, "weight_bytes": weights, "tpot": tpot, "throughput": throughput,
+        "budget": budget, "throughput_prompt_tokens": throughput_length, "steps": steps, "rounds": rounds,
+        "read_bandwidth_bytes_per_second": bandwidth, "matmul_flops_per_second": flop_rate, "weight_bytes": weights,
+        "tpot": tpot, "throughput": throughput,
     }
 
 
@@ -159,9 +217,11 @@ def summarize(result: dict) -> str:
         [[r["prompt_tokens"], r["cache"], r["kept"], r["seconds"] * 1e3] for r in result["tpot"]],
     )
     throughput = markdown_table(
-        ["batch", "variant", "cached positions", "ms per step", "tokens/s", "bound ms", "x bound"],
+        ["batch", "variant", "cached positions", "ms per step", "tokens/s", "bandwidth bound ms", "x bandwidth bound",
+         "compute bound ms", "x larger bound"],
         [[r["batch"], r["variant"], r["positions"], r["step_seconds"] * 1e3, r["tokens_per_second"],
-          r["bound_seconds"] * 1e3, r["x_bound"]] for r in result["throughput"]],
+          r["bound_seconds"] * 1e3, r["x_bound"], r["compute_bound_seconds"] * 1e3, r["x_roofline"]]
+         for r in result["throughput"]],
     )
     lines = [tpot, "", throughput, ""]
     snapkv = {r["prompt_tokens"]: r["seconds"] for r in result["tpot"] if r["cache"] == "snapkv"}
@@ -180,7 +240,8 @@ def summarize(result: dict) -> str:
         lines.append(f"- batch {batch}: engine {speedup:.2f}x transformers' full-cache tokens/s"
                      + (f" (target at batch 8: at least 6x): {'met' if speedup >= 6 else 'missed'}" if batch == 8 else "")
                      + f"; step {ours['x_bound']:.1f}x the bandwidth bound (target: at most 2x): "
-                     f"{'met' if ours['x_bound'] <= 2 else 'missed'}")
+                     f"{'met' if ours['x_bound'] <= 2 else 'missed'}; {ours['x_roofline']:.1f}x the larger of the "
+                     "bandwidth and compute bounds")
     return "\n".join(lines)
 
 
@@ -189,10 +250,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer lengths and steps")
     parser.add_argument("--budget", type=int, default=512)
     args = parser.parse_args()
-    if args.quick:
-        result = run([1024, 8192], [1, 8], args.budget, 4096, steps=4)
-    else:
-        result = run([1024, 2048, 4096, 8192], [1, 4, 8], args.budget, 4096, steps=16)
+    result = run(**{**(QUICK if args.quick else FULL), "budget": args.budget})
     print(summarize(result))
     progress(f"wrote {write_json('decode', result)}")
 

@@ -24,8 +24,7 @@ from benchmarks.common import RESULTS, progress, write_json
 SECTIONS = {
     "wire": (dict(lengths=[1024, 2048, 4096, 8192], budgets=[256, 512, 1024]),
              dict(lengths=[1024, 2048, 4096, 8192], budgets=[256, 512, 1024])),
-    "decode": (dict(lengths=[1024, 8192], batches=[1, 8], budget=512, throughput_length=4096, steps=4),
-               dict(lengths=[1024, 2048, 4096, 8192], batches=[1, 4, 8], budget=512, throughput_length=4096, steps=16)),
+    "decode": (decode.QUICK, decode.FULL),
     "prefill": (dict(lengths=[2048], budget=1024), dict(lengths=[2048, 4096, 8192], budget=1024)),
     "service": (dict(num_tokens=1024, budget=256, max_tokens=16), dict(num_tokens=4096, budget=1024, max_tokens=32)),
 }

@@ -23,6 +23,7 @@ import torch
 from snapkv import attention
 from snapkv.config import CompressionConfig, SamplingParams
 from snapkv.kv_cache import BatchCache, PromptCache
+from snapkv.llama_decode import LlamaDecodeStep, unsupported_reason
 from snapkv.model import LoadedModel
 from snapkv.packed_linear import pack_linears, packed_linear_available
 from snapkv.sampling import make_generator, sample_token
@@ -67,9 +68,13 @@ class TokenEvent:
 class Engine:
     """Prefill, SnapKV compression and batched decoding on one loaded model."""
 
-    def __init__(self, loaded: LoadedModel, pack_weights: bool | None = None):
+    def __init__(self, loaded: LoadedModel, pack_weights: bool | None = None, llama_decode: bool | None = None):
         """`pack_weights` None packs the linear layers' weights for oneDNN when the model is fp32 on a
-        CPU and PyTorch has the operators (see `snapkv.packed_linear`); False keeps `nn.Linear`."""
+        CPU and PyTorch has the operators (see `snapkv.packed_linear`); False keeps `nn.Linear`.
+
+        `llama_decode` None decodes through `LlamaDecodeStep` when the model is a Llama, and through
+        the model's generic forward otherwise; False always takes the generic forward.
+        """
         config = loaded.model.config
         if getattr(config, "sliding_window", None) is not None:
             raise ValueError(
@@ -84,6 +89,9 @@ class Engine:
         if pack_weights is None:
             pack_weights = self.device.type == "cpu" and self.model.dtype == torch.float32 and packed_linear_available()
         self.packed_layers = pack_linears(self.model) if pack_weights else 0
+        if llama_decode is None:
+            llama_decode = unsupported_reason(self.model) is None
+        self._llama_step = LlamaDecodeStep(self.model) if llama_decode else None
         self.num_layers = config.num_hidden_layers
         self.max_context = getattr(config, "max_position_embeddings", None)
         eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
@@ -152,9 +160,25 @@ class Engine:
             return input_ids.to(self.device), None, position_ids.to(self.device)
         return input_ids.to(self.device), attention_mask.to(self.device), position_ids.to(self.device)
 
+    @property
+    def decode_path(self) -> str:
+        """The implementation of `decode_step`: "llama" (`LlamaDecodeStep`) or "generic" (the model's forward)."""
+        return "generic" if self._llama_step is None else "llama"
+
     @torch.inference_mode()
     def decode_step(self, cache: BatchCache, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row [batch] at its original position; return next-token logits [batch, vocab_size]."""
+        tokens = tokens.to(self.device)
+        logits = self.forward_step(cache, tokens) if self._llama_step is None else self._llama_step(cache, tokens)
+        cache.advance()
+        return logits.float()
+
+    @torch.inference_mode()
+    def forward_step(self, cache: BatchCache, tokens: torch.Tensor) -> torch.Tensor:
+        """Run one decode step through the model's generic forward without advancing the cache; return the logits.
+
+        The reference `LlamaDecodeStep` is tested against.
+        """
         output = self.model(
             input_ids=tokens.unsqueeze(1).to(self.device),
             attention_mask=cache.attention_mask(self.attention, self.model.dtype),
@@ -163,8 +187,7 @@ class Engine:
             use_cache=True,
             logits_to_keep=1,
         )
-        cache.advance()
-        return output.logits[:, -1].float()
+        return output.logits[:, -1]
 
     def generate(self, requests: list[Request]) -> Iterator[TokenEvent]:
         """Prefill then decode every request together, yielding each token as it is chosen."""

@@ -15,14 +15,16 @@ def test_operators_exist_in_pinned_torch():
 
 
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("shape", [(1, 48), (2, 48), (8, 48), (3, 5, 48), (4, 1, 48)])
-def test_packed_linear_matches_linear(shape, bias):
+@pytest.mark.parametrize("features", [(48, 80), (80, 48)])  # one row takes the packed path only when widening
+@pytest.mark.parametrize("rows", [(1,), (2,), (8,), (3, 5), (4, 1)])
+def test_packed_linear_matches_linear(rows, features, bias):
     torch.manual_seed(0)
-    linear = nn.Linear(48, 80, bias=bias)
+    in_features, out_features = features
+    linear = nn.Linear(in_features, out_features, bias=bias)
     packed = PackedLinear(linear)
-    x = torch.randn(shape)
+    x = torch.randn(*rows, in_features)
     out = packed(x)
-    assert out.shape == (*shape[:-1], 80)
+    assert out.shape == (*rows, out_features)
     torch.testing.assert_close(out, linear(x), rtol=1e-5, atol=1e-5)
 
 
