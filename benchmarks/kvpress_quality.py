@@ -21,7 +21,7 @@ that CASES.json lists:
 
 In each mode the compression ratio handed to kvpress is set so that the kept context tokens plus the
 uncompressed tokens after the context equal our engine's budget for the same prompt. SnapKVPress keeps
-its defaults (window 64, kernel 5, average pooling), where our engine uses window 32, kernel 7, max.
+its defaults (window 64, kernel 5, average pooling), where our engine uses window 32, kernel 13, max.
 When fewer context tokens are kept than its window holds (500-token prompts at 8x), SnapKVPress keeps
 only part of its window; such answers are flagged `kept_context_below_window`.
 """

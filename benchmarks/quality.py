@@ -1,7 +1,7 @@
 """Quality of compressed caches on the embedded SmolLM2-135M-Instruct at 2x, 4x and 8x compression.
 
     .venv/bin/python -m benchmarks.quality [--quick] [--no-kvpress] [--output-dir docs/benchmarks]
-        [--window 32] [--kernel 7] [--pooling max] [--gqa-reduction mean]
+        [--window 32] [--kernel 13] [--pooling max] [--gqa-reduction mean]
 
 Three measurements, each against the full cache of the same prompt (see `benchmarks.quality_tasks`
 for how the inputs are built):
@@ -14,7 +14,7 @@ for how the inputs are built):
   cache's before the first difference (a prefix match, so a later accidental match does not count).
 
 Every method keeps the same budget: prompt tokens // ratio, the window included. The methods are
-SnapKV (by default window 32, kernel 7, max pooling, as in the engine), sinks plus recent (StreamingLLM
+SnapKV (by default window 32, kernel 13, max pooling, as in the engine), sinks plus recent (StreamingLLM
 style) and random positions (seeded). The options change SnapKV's settings and the baselines' window.
 kvpress's `SnapKVPress` answers the needle prompts only, through kvpress's own pipeline, run by
 `benchmarks/kvpress_quality.py` in kvpress's virtualenv (`--kvpress-python`). The first generated

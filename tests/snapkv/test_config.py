@@ -31,7 +31,7 @@ def test_compression_defaults():
     assert (config.window, config.budget, config.kernel, config.pooling, config.gqa_reduction) == (
         32,
         1024,
-        7,
+        13,
         "max",
         "mean",
     )
