@@ -25,7 +25,7 @@ SECTIONS = {
     "wire": (dict(lengths=[1024, 2048, 4096, 8192], budgets=[256, 512, 1024]),
              dict(lengths=[1024, 2048, 4096, 8192], budgets=[256, 512, 1024])),
     "decode": (decode.QUICK, decode.FULL),
-    "prefill": (dict(lengths=[2048], budget=1024), dict(lengths=[2048, 4096, 8192], budget=1024)),
+    "prefill": (dict(lengths=[2048], budget=1024), dict(lengths=[2048, 4096, 8000], budget=1024)),
     "service": (dict(num_tokens=1024, budget=256, max_tokens=16), dict(num_tokens=4096, budget=1024, max_tokens=32)),
 }
 MODULES = {"wire": wire, "decode": decode, "prefill": prefill, "service": service}
@@ -65,7 +65,9 @@ def write_report(folder: Path = RESULTS) -> Path:
             fragment = folder / "quality.md"
             parts += [fragment.read_text().strip() if fragment.exists() else f"## {title}\n\n(quality.md missing)", ""]
         else:
-            parts += [f"## {title}", "", MODULES[name].summarize(result), "", f"![{title}]({name}.png)", ""]
+            measured = f"{result.get('version', 'quick')} version, measured {result['machine']['date']}"
+            parts += [f"## {title}", "", f"({measured})", "", MODULES[name].summarize(result), "",
+                      f"![{title}]({name}.png)", ""]
     report = folder / "results.md"
     report.write_text("\n".join(parts))
     return report
