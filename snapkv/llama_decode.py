@@ -9,8 +9,10 @@ linear layers and their weights are shared, not copied) with less of that work:
 - attention is `scaled_dot_product_attention` with grouped-query heads, on the cache rows in place;
 - the cache's mask is built once per step, and only when rows differ in length.
 
-On SmolLM2-135M with 512 cached positions, a step took 13 % less time than the generic forward at
-batch 1 and 8 % less at batch 8 (docs/benchmarks/results.md). The logits are those of the generic
+On SmolLM2-135M with 512 cached positions, a quick benchmark run measured a step 13 % faster than
+the generic forward at batch 1 and 8 % faster at batch 8. The full run's medians gave 1 % faster at
+batch 1, 14 % at batch 4 and 6 % slower at batch 8, with its rounds 50 % apart, so the gain is
+within the noise of a shared 2-core machine (docs/benchmarks). The logits are those of the generic
 forward to within float rounding, and the tests compare the two.
 """
 
