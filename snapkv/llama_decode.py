@@ -9,11 +9,12 @@ linear layers and their weights are shared, not copied) with less of that work:
 - attention is `scaled_dot_product_attention` with grouped-query heads, on the cache rows in place;
 - the cache's mask is built once per step, and only when rows differ in length.
 
-On SmolLM2-135M with 512 cached positions, a quick benchmark run measured a step 13 % faster than
-the generic forward at batch 1 and 8 % faster at batch 8. The full run's medians gave 1 % faster at
-batch 1, 14 % at batch 4 and 6 % slower at batch 8, with its rounds 50 % apart, so the gain is
-within the noise of a shared 2-core machine (docs/benchmarks). The logits are those of the generic
-forward to within float rounding, and the tests compare the two.
+NOTE: the speed gain is not established. On SmolLM2-135M with 512 cached positions, a quick
+benchmark run measured a step 13 % faster than the generic forward at batch 1 and 8 % at batch 8.
+The full run's medians gave 1 % faster at batch 1, 14 % at batch 4 and 6 % slower at batch 8. Its
+rounds were up to 50 % apart, which is this 2-core machine's noise (docs/benchmarks).
+
+The logits are those of the generic forward to within float rounding, and the tests compare the two.
 """
 
 from __future__ import annotations
