@@ -72,8 +72,8 @@ class Engine:
         """`pack_weights` None packs the linear layers' weights for oneDNN when the model is fp32 on a
         CPU and PyTorch has the operators (see `snapkv.packed_linear`); False keeps `nn.Linear`.
 
-        `llama_decode` None decodes through `LlamaDecodeStep` when the model is a Llama, and through
-        the model's generic forward otherwise; False always takes the generic forward.
+        `llama_decode` None decodes through `LlamaDecodeStep` for Llama, Mistral and Qwen2 models, and
+        through the model's generic forward otherwise. False always takes the generic forward.
         """
         config = loaded.model.config
         if getattr(config, "sliding_window", None) is not None:
