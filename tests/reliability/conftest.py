@@ -1,4 +1,4 @@
-"""One stack for the reliability tests: two decode workers, prefill (local Ray, one actor) and the
+"""One stack for the reliability tests: two decode workers, prefill (local Ray, two actors) and the
 router, as separate processes on loopback with the tiny random-weight Llama.
 
 The decode workers get small KV budgets (4 MiB and 1 MiB) so that admission control is easy to
@@ -23,6 +23,7 @@ from snapkv.proto import serving_pb2_grpc as pb_grpc
 TINY = "tiny-llama"
 DECODE_WORKERS = ("decode", "decode-2")
 KV_BUDGET_MIB = {"decode": 4, "decode-2": 1}
+PREFILL_ACTORS = 2  # so that a request whose actor dies has another actor to be retried on
 LEASE_S = 3.0
 # tiny-llama keeps 2 layers x 2 KV heads x head dim 16 in fp32, for keys and values: 512 bytes per position.
 KV_BYTES_PER_POSITION = 2 * 2 * 2 * 16 * 4
@@ -33,13 +34,15 @@ RELEASE_TIMEOUT_S = 5.0  # a finished, cancelled or failed request frees its KV 
 
 @pytest.fixture(scope="package")
 def stack():
-    budgets = {name: ["--kv-budget-mib", str(mib)] for name, mib in KV_BUDGET_MIB.items()}
+    options = {name: ["--kv-budget-mib", str(mib)] for name, mib in KV_BUDGET_MIB.items()}
+    # One core per actor: the tiny model needs no more, and Ray then fits both actors on two cores.
+    options["prefill"] = ["--actors", str(PREFILL_ACTORS), "--cpus-per-actor", "1"]
     running = LocalStack(
         TINY,
         metrics_port=free_port(),
         num_decode_workers=len(DECODE_WORKERS),
         decode_options=("--lease-s", str(LEASE_S)),
-        service_options=budgets,
+        service_options=options,
     )
     with running:
         # The decode workers load the model at the same time; prefill and router then start in order.
