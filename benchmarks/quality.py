@@ -1,7 +1,7 @@
 """Quality of compressed caches on the embedded SmolLM2-135M-Instruct at 2x, 4x and 8x compression.
 
     .venv/bin/python -m benchmarks.quality [--quick] [--no-kvpress] [--output-dir docs/benchmarks]
-        [--window 32] [--kernel 13] [--pooling max] [--gqa-reduction mean]
+        [--window 32] [--kernel 13] [--pooling max] [--gqa-reduction mean] [--from-json QUALITY_JSON]
 
 Three measurements, each against the full cache of the same prompt (see `benchmarks.quality_tasks`
 for how the inputs are built):
@@ -202,7 +202,13 @@ def summarize(needle: list[dict], nll: list[dict], agreement: list[dict]) -> dic
     }
     return {
         "needle": {"summary": quality_report.needle_summary(needle), "records": needle},
-        "nll": {"summary": nll_summary, "increase": increase, "records": nll},
+        "nll": {
+            "summary": nll_summary, "increase": increase, "records": nll,
+            "snapkv_minus": {
+                baseline: quality_report.paired_differences(nll, "nll", "snapkv", baseline)
+                for baseline in ("sinks_recent", "random")
+            },
+        },
         "agreement": {"summary": quality_report.mean_summary(agreement, "prefix_match"),
                       "positions_equal": quality_report.mean_summary(agreement, "positions_equal"), "records": agreement},
     }
@@ -223,6 +229,8 @@ def parse_settings() -> tuple[argparse.Namespace, Settings]:
     parser.add_argument("--kvpress-python", type=Path, default=Path(".venv-kvpress/bin/python"),
                         help="Python of the virtualenv with kvpress installed")
     parser.add_argument("--output-dir", type=Path, default=Path("docs/benchmarks"))
+    parser.add_argument("--from-json", type=Path, metavar="QUALITY_JSON",
+                        help="rebuild the summaries, tables and plots from a saved quality.json without running the model")
     parser.add_argument("--window", type=int, default=CompressionConfig.window, help="observation window in tokens")
     parser.add_argument("--kernel", type=int, default=CompressionConfig.kernel, help="SnapKV pooling kernel, odd")
     parser.add_argument("--pooling", choices=POOLING_KINDS, default=CompressionConfig.pooling, help="SnapKV pooling")
@@ -253,10 +261,28 @@ def parse_settings() -> tuple[argparse.Namespace, Settings]:
     return args, settings
 
 
+def write_results(results: dict, output_dir: Path) -> None:
+    """Print the tables and write quality.json, quality.md and the plots into `output_dir`."""
+    tables = quality_report.markdown_tables(results)
+    print(tables)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "quality.json").write_text(json.dumps(results, indent=1) + "\n")
+    (output_dir / "quality.md").write_text(quality_report.markdown_fragment(results, tables))
+    written = quality_report.plot(results, output_dir)
+    log(f"wrote quality.json, quality.md and {', '.join(p.name for p in written)} to {output_dir} "
+        f"in {results['seconds']:.0f} s")
+
+
 def main() -> None:
     args, settings = parse_settings()
-    started = time.perf_counter()
+    if args.from_json is not None:
+        # Summaries and tables only: the records, settings and timings stay those of the saved run.
+        results = json.loads(args.from_json.read_text())
+        results.update(summarize(results["needle"]["records"], results["nll"]["records"], results["agreement"]["records"]))
+        write_results(results, args.output_dir)
+        return
 
+    started = time.perf_counter()
     engine = Engine(load_model())
     cases = needle_cases(engine.tokenizer, list(settings.needle_lengths), list(settings.depths), settings.needles_per_cell)
     needle = run_needles(engine, cases, settings)
@@ -270,15 +296,7 @@ def main() -> None:
     results = {"model": DEFAULT_MODEL, "machine": machine(), "settings": asdict(settings), "kvpress": kvpress_status}
     results.update(summarize(needle + kvpress_records, nll, agreement))
     results["seconds"] = time.perf_counter() - started
-
-    tables = quality_report.markdown_tables(results)
-    print(tables)
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    (args.output_dir / "quality.json").write_text(json.dumps(results, indent=1) + "\n")
-    (args.output_dir / "quality.md").write_text(quality_report.markdown_fragment(results, tables))
-    written = quality_report.plot(results, args.output_dir)
-    log(f"wrote quality.json, quality.md and {', '.join(p.name for p in written)} to {args.output_dir} "
-        f"in {results['seconds']:.0f} s")
+    write_results(results, args.output_dir)
 
 
 if __name__ == "__main__":

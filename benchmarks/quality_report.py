@@ -39,6 +39,30 @@ def mean_summary(records: list[dict], field: str) -> dict:
     return {method: {ratio: sum(v) / len(v) for ratio, v in by_ratio.items()} for method, by_ratio in sums.items()}
 
 
+def paired_differences(records: list[dict], field: str, method: str, baseline: str) -> dict:
+    """Return {ratio: {"mean", "stderr", "lower", "cases"}} of `method` minus `baseline` on the same cases.
+
+    "stderr" is the standard error of the mean difference (0 with one case), and "lower" counts the
+    cases where `method` scored lower than `baseline`.
+    """
+    values: dict = defaultdict(dict)
+    for record in records:
+        values[(record["method"], str(record["ratio"]))][record["case"]] = record[field]
+    result = {}
+    for (name, ratio), by_case in values.items():
+        if name != method or (baseline, ratio) not in values:
+            continue
+        other = values[(baseline, ratio)]
+        differences = [value - other[case] for case, value in by_case.items() if case in other]
+        count = len(differences)
+        mean = sum(differences) / count
+        variance = sum((d - mean) ** 2 for d in differences) / (count - 1) if count > 1 else 0.0
+        result[ratio] = {
+            "mean": mean, "stderr": (variance / count) ** 0.5, "lower": sum(d < 0 for d in differences), "cases": count,
+        }
+    return result
+
+
 def _cell(summary: dict, method: str, ratio: int, fmt: str) -> str:
     value = summary.get(method, {}).get(str(ratio))
     if value is None:
@@ -68,6 +92,19 @@ def markdown_tables(results: dict) -> str:
               f"(full cache: {nll['full']['1']:.3f}):", "", header.rstrip()]
     for method in ("snapkv", "sinks_recent", "random"):
         lines.append(f"| {METHOD_LABELS[method]} | " + " | ".join(_cell(results['nll']['increase'], method, r, '+.3f') for r in ratios) + " |")
+    paired = results["nll"].get("snapkv_minus")
+    if paired:
+        lines += ["", "SnapKV's NLL minus each baseline's on the same prefix: mean, its standard error, and the prefixes "
+                  "where SnapKV's NLL is lower (a negative mean favours SnapKV):", "", header.rstrip()]
+        for baseline, by_ratio in paired.items():
+            cells = []
+            for ratio in ratios:
+                cell = by_ratio.get(str(ratio))
+                if cell is None:
+                    cells.append("-")
+                else:
+                    cells.append(f"{cell['mean']:+.3f} ± {cell['stderr']:.3f} ({cell['lower']}/{cell['cases']} lower)")
+            lines.append(f"| SnapKV minus {METHOD_LABELS[baseline]} | " + " | ".join(cells) + " |")
 
     agreement = results["agreement"]["summary"]
     tokens = results["settings"]["greedy_tokens"]

@@ -1,6 +1,6 @@
 """Inputs and summaries of the quality benchmark, on the byte-level test tokenizer (one token per byte)."""
 
-from benchmarks.quality_report import markdown_tables, needle_summary, target_checks
+from benchmarks.quality_report import markdown_tables, needle_summary, paired_differences, target_checks
 from benchmarks.quality_tasks import NEEDLE, document_cases, insert_line, needle_case
 from snapkv.tiny_models import byte_tokenizer
 
@@ -80,3 +80,28 @@ def test_targets_and_tables():
     tables = markdown_tables(results)
     assert "| SnapKV (this engine) | 7/10 | 6/10 | 3/10 |" in tables
     assert "| random | +0.100 | +0.100 | +0.100 |" in tables
+    assert "minus" not in tables
+
+    cell = {"mean": -0.0125, "stderr": 0.02, "lower": 5, "cases": 8}
+    results["nll"]["snapkv_minus"] = {"sinks_recent": {"2": cell}}
+    tables = markdown_tables(results)
+    assert "| SnapKV minus sinks + recent | -0.013 ± 0.020 (5/8 lower) | - | - |" in tables
+
+
+def test_paired_differences_per_case():
+    nll = [
+        dict(case="a", method="snapkv", ratio=2, nll=1.0), dict(case="a", method="sinks_recent", ratio=2, nll=1.5),
+        dict(case="b", method="snapkv", ratio=2, nll=2.0), dict(case="b", method="sinks_recent", ratio=2, nll=1.5),
+        dict(case="c", method="snapkv", ratio=2, nll=3.0), dict(case="c", method="sinks_recent", ratio=2, nll=2.0),
+        dict(case="a", method="snapkv", ratio=4, nll=1.0), dict(case="a", method="random", ratio=4, nll=2.0),
+        dict(case="a", method="full", ratio=1, nll=0.5),
+    ]
+    paired = paired_differences(nll, "nll", "snapkv", "sinks_recent")
+
+    # Differences -0.5, +0.5 and +1.0: mean 1/3, sample variance 7/12, standard error sqrt(7/36).
+    assert set(paired) == {"2"}
+    assert paired["2"]["cases"] == 3
+    assert paired["2"]["lower"] == 1
+    assert abs(paired["2"]["mean"] - 1 / 3) < 1e-12
+    assert abs(paired["2"]["stderr"] - (7 / 36) ** 0.5) < 1e-12
+    assert paired_differences(nll, "nll", "snapkv", "random") == {"4": {"mean": -1.0, "stderr": 0.0, "lower": 1, "cases": 1}}
