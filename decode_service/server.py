@@ -28,7 +28,7 @@ from snapkv.proto import serving_pb2 as pb
 from snapkv.proto import serving_pb2_grpc as pb_grpc
 from snapkv.sampling import make_generator
 from snapkv.sequence import SequenceState
-from snapkv.serving import MalformedRequestInterceptor, add_health_and_reflection
+from snapkv.serving import MalformedRequestInterceptor, add_health_and_reflection, bind_health_server, start_health_server
 from snapkv.transport import MAX_LOAD_KV_MESSAGE_BYTES, MAX_REPLY_BYTES, ServerTLS, add_port, message_size_options
 from snapkv.wire import KVAssembler, MalformedKVError, WireError
 
@@ -186,8 +186,11 @@ async def serve(
     max_batch_size: int = 32,
     metrics: DecodeMetrics | None = None,
     tls: ServerTLS | None = None,
+    health_address: str | None = None,
 ) -> tuple[grpc.aio.Server, int, DecodeServicer]:
     """Start a decode server on `address`, over TLS when `tls` is set; return it, the bound port and the servicer.
+
+    `health_address`, when set, also serves the health checks alone there without TLS (for probes).
 
     `metrics` defaults to a `DecodeMetrics` in a registry of its own, for tests and embedded use.
     The command line passes one on the global registry, which its /metrics endpoint serves.
@@ -210,9 +213,13 @@ async def serve(
     pb_grpc.add_DecodeServicer_to_server(servicer, server)
     port = add_port(server, address, tls)
 
+    health_servicer = await add_health_and_reflection(server, [SERVICE_NAME])
+    health_server = None if health_address is None else bind_health_server(health_servicer, health_address)
+
     scheduler.start()
-    await add_health_and_reflection(server, [SERVICE_NAME])
     await server.start()
+    if health_server is not None:
+        await start_health_server(health_server, server)
     servicer.lease_task = asyncio.create_task(expire_leases(loaded, min(1.0, lease_s / 4), metrics))
     logger.info(
         "decode worker serving %s on port %d: kv budget %d bytes, lease %.1f s, max batch %d, "

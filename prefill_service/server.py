@@ -27,7 +27,7 @@ from prefill_service.pool import ActorPool, RequestFailed
 from snapkv.model import DEFAULT_MODEL
 from snapkv.proto import serving_pb2 as pb
 from snapkv.proto import serving_pb2_grpc as pb_grpc
-from snapkv.serving import MalformedRequestInterceptor, add_health_and_reflection
+from snapkv.serving import MalformedRequestInterceptor, add_health_and_reflection, bind_health_server, start_health_server
 from snapkv.transport import MAX_PREFILL_REQUEST_BYTES, MAX_REPLY_BYTES, ServerTLS, add_port, message_size_options
 
 logger = logging.getLogger(__name__)
@@ -92,13 +92,15 @@ async def serve(
     *,
     metrics: PrefillMetrics | None = None,
     tls: ServerTLS | None = None,
+    health_address: str | None = None,
     **settings,
 ) -> tuple[grpc.aio.Server, int]:
     """Start the actors, wait until each has loaded the model, then serve Prefill on `address`.
 
     Uses the Ray this process is already connected to. Otherwise it connects to `ray_address`, or
     starts a local Ray on loopback when `ray_address` is None (see `prefill_service.local_ray`).
-    `cpus_per_actor` None shares this machine's cores among the actors. `tls` serves over TLS.
+    `cpus_per_actor` None shares this machine's cores among the actors. `tls` serves over TLS, and
+`health_address`, when set, also serves the health checks alone there without TLS (for probes).
     `settings` are further `PrefillConfig` fields, `decode_tls` among them for the KV transfers.
     `metrics` defaults to a `PrefillMetrics` in a registry of its own. Returns the server and the
     bound port. `await shutdown(server)` stops the server, kills the actors and stops a Ray that
@@ -130,7 +132,10 @@ async def serve(
         port = add_port(server, address, tls)
         # Handlers must be registered before the server starts; every actor has loaded by now, so SERVING is true.
         health = await add_health_and_reflection(server, [SERVICE_NAME])
+        health_server = None if health_address is None else bind_health_server(health, health_address)
         await server.start()
+        if health_server is not None:
+            await start_health_server(health_server, server)
     except BaseException:
         await shutdown_actors()
         raise

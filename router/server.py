@@ -36,7 +36,7 @@ from router.requests import RequestLimits, RequestTrace, RoutedRequest, final_me
 from snapkv.messages import sampling_to_proto
 from snapkv.proto import serving_pb2 as pb
 from snapkv.proto import serving_pb2_grpc as pb_grpc
-from snapkv.serving import MalformedRequestInterceptor
+from snapkv.serving import MalformedRequestInterceptor, bind_health_server, start_health_server
 from snapkv.text import TextStream, stop_token_ids
 from snapkv.transport import (
     MAX_GENERATE_REQUEST_BYTES,
@@ -303,6 +303,7 @@ async def serve(
     peer_tls: ChannelTLS | None = None,
     auth_token: str | None = None,
     limits: RequestLimits = RequestLimits(),
+    health_address: str | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """Start the router on `address` after one round of worker resolution and health checks.
 
@@ -310,7 +311,8 @@ async def serve(
     prefill workers (least_loaded or round_robin). `tls` serves clients over TLS, `peer_tls` opens
     the channels to the workers with TLS, and `auth_token` requires that bearer token on every call
     except health checks and reflection. `limits` bounds what one request may ask for, and
-    `max_context`, when given, replaces its `max_context`. Return the server and the bound port.
+    `max_context`, when given, replaces its `max_context`. `health_address`, when set, also serves the
+    health checks alone there without TLS or token (for probes). Return the server and the bound port.
     Stopping the server also stops the worker registry and closes its channels.
     """
     if policy not in POLICIES:
@@ -344,6 +346,7 @@ async def serve(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, reflection.SERVICE_NAME, health.SERVICE_NAME), server)
     port = add_port(server, address, tls)
+    health_server = None if health_address is None else bind_health_server(health_servicer, health_address)
     if auth_token is not None and tls is None and not is_loopback_address(address):
         logger.warning(
             "the router requires a bearer token but serves %s without TLS, so tokens cross the network in clear text",
@@ -354,6 +357,8 @@ async def serve(
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await _publish_readiness(health_servicer, registry)
+    if health_server is not None:
+        await start_health_server(health_server, server)
     _REGISTRY_CLOSERS[server] = asyncio.create_task(_close_after_termination(server, registry))
     logger.info(
         "router serving on port %d: decode policy %s, prefill policy %s, %s, prefill %s, decode %s, %s, "

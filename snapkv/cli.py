@@ -95,6 +95,10 @@ def add_service_commands(commands) -> None:
         command.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
         command.add_argument("--port", type=int, default=port, help=f"gRPC port (default {port})")
         command.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
+        command.add_argument(
+            "--health-port", type=int, default=None,
+            help="also serve grpc.health.v1 alone on this port, without TLS, for probes that do not use TLS (Kubernetes' gRPC probes)",
+        )
         command.add_argument("--model", default=DEFAULT_MODEL_SPEC, help="Hugging Face id, local path, or tiny-llama for tests")
         command.add_argument("--cache-dir", type=Path, default=None, help=f"folder for converted weights (${CACHE_DIR_VARIABLE})")
         cli_security.add_server_options(command, outgoing=name != "decode")

@@ -62,7 +62,7 @@ def run_decode(args: argparse.Namespace) -> int:
         address = f"{args.host}:{args.port}"
         server, port, servicer = await serve(
             engine, address, args.kv_budget_mib << 20, args.lease_s, args.max_batch_size,
-            DecodeMetrics(engine.name, worker_name(args.port)), tls=args.tls,
+            DecodeMetrics(engine.name, worker_name(args.port)), tls=args.tls, health_address=health_address(args),
         )
         print(f"decode worker listening on {args.host}:{port}", flush=True)
         await serve_until_signal(server, servicer.close)
@@ -88,6 +88,7 @@ def run_prefill(args: argparse.Namespace) -> int:
             args.model, f"{args.host}:{args.port}", num_actors=args.actors, cpus_per_actor=args.cpus_per_actor,
             ray_address=args.ray_address, gpus_per_actor=args.gpus_per_actor, cache_dir=args.cache_dir,
             metrics=PrefillMetrics(args.model, worker_name(args.port)), tls=args.tls, decode_tls=args.peer_tls,
+            health_address=health_address(args),
         )
         print(f"prefill server listening on {args.host}:{port}", flush=True)
         await serve_until_signal(server, server.shutdown_actors)
@@ -111,12 +112,18 @@ def run_router(args: argparse.Namespace) -> int:
             tokenizer, args.prefill, args.decode, f"{args.host}:{args.port}", policy=args.policy,
             metrics=RouterMetrics(args.model, worker_name(args.port)), tls=args.tls, peer_tls=args.peer_tls,
             auth_token=args.auth_token, limits=RequestLimits(max_tokens=args.max_tokens_limit, budget=args.budget_limit),
+            health_address=health_address(args),
         )
         print(f"router listening on {args.host}:{port}", flush=True)
         await serve_until_signal(server)
 
     asyncio.run(main())
     return 0
+
+
+def health_address(args: argparse.Namespace) -> str | None:
+    """Return where `--health-port` serves the plaintext health checks, on the service's own host, or None."""
+    return None if args.health_port is None else f"{args.host}:{args.health_port}"
 
 
 def worker_name(port: int) -> str:

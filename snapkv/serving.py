@@ -1,5 +1,6 @@
-"""Helpers shared by the three gRPC servers: health and reflection registration, running until a signal,
-and the interceptor that rejects unparseable requests with INVALID_ARGUMENT."""
+"""Helpers shared by the three gRPC servers: health and reflection registration, a plaintext port for
+health checks alone, running until a signal, and the interceptor that rejects unparseable requests
+with INVALID_ARGUMENT."""
 
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ from grpc_reflection.v1alpha import reflection
 
 logger = logging.getLogger(__name__)
 
+# Tasks that stop health-only servers when their main server stops, referenced until done.
+_HEALTH_SERVER_STOPPERS: set[asyncio.Task] = set()
+
 
 async def add_health_and_reflection(server: grpc.aio.Server, service_names: list[str]) -> health.aio.HealthServicer:
     """Register grpc.health.v1 (every service SERVING) and server reflection on `server`."""
@@ -25,6 +29,38 @@ async def add_health_and_reflection(server: grpc.aio.Server, service_names: list
     for name in ("", *service_names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return health_servicer
+
+
+def bind_health_server(health_servicer: health.aio.HealthServicer, address: str) -> grpc.aio.Server:
+    """Return a server, not yet started, with `health_servicer` alone bound to `address` without TLS.
+
+    Kubernetes' gRPC probes do not use TLS, so a server that serves TLS can still be probed there.
+    The statuses are the main server's own, and no other service is registered. Raises OSError when
+    the address cannot be bound; bind before starting anything else, so that nothing is left running.
+    """
+    health_server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+    try:
+        port = health_server.add_insecure_port(address)
+    except RuntimeError as error:  # how recent grpcio reports a failed bind
+        raise OSError(f"could not bind the health port {address} (is it in use?): {error}") from error
+    if port == 0:
+        raise OSError(f"could not bind the health port {address} (is it in use?)")
+    return health_server
+
+
+async def start_health_server(health_server: grpc.aio.Server, server: grpc.aio.Server) -> None:
+    """Start `health_server` and stop it when the started `server` stops."""
+    await health_server.start()
+
+    async def stop_with_server() -> None:
+        await server.wait_for_termination()
+        await health_server.stop(grace=None)
+
+    # The task also keeps `health_server` referenced: grpc stops a server once it is garbage-collected.
+    task = asyncio.create_task(stop_with_server())
+    _HEALTH_SERVER_STOPPERS.add(task)
+    task.add_done_callback(_HEALTH_SERVER_STOPPERS.discard)
 
 
 async def wait_for_signal() -> None:

@@ -3,7 +3,8 @@
 Decode and prefill serve mutual TLS, so they require client certificates from the test CA, and
 prefill pushes KV to decode over mutual TLS. The router serves TLS without client certificates,
 talks to both workers over mutual TLS and requires a bearer token. A second router, in this process, requires client
-certificates as well, so that tests can check both kinds of router.
+certificates as well, so that tests can check both kinds of router. Each service also serves its
+health checks alone, without TLS, on a port of its own (`--health-port`), as probes need.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from snapkv.cli_services import LocalStack
+from snapkv.cli_services import LocalStack, free_port
 from snapkv.transport import ChannelTLS, ServerTLS
 from tests.router.fakes import BackgroundLoop
 from tests.security.certs import Authority, Leaf, make_authority, make_leaf
@@ -57,7 +58,13 @@ def certificates(tmp_path_factory) -> Certificates:
 
 
 @pytest.fixture(scope="package")
-def stack(certificates):
+def health_ports() -> dict[str, int]:
+    """The plaintext health port of each service of `stack`."""
+    return {name: free_port() for name in ("decode", "prefill", "router")}
+
+
+@pytest.fixture(scope="package")
+def stack(certificates, health_ports):
     peer_ca = ["--peer-ca", str(certificates.ca.cert_file)]
     options = {
         "decode": certificates.server_options("decode", client_ca=True),
@@ -66,6 +73,8 @@ def stack(certificates):
         + peer_ca
         + ["--auth-token-file", str(certificates.token_file)],
     }
+    for name, port in health_ports.items():
+        options[name] += ["--health-port", str(port)]
     health_tls = certificates.channel_tls("client")
     with LocalStack(TINY, service_options=options, health_tls=health_tls) as running:
         running.start(timeout_s=300)

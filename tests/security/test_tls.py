@@ -11,7 +11,10 @@ from router.client import SnapKVClient, SnapKVError, Summary
 from snapkv import cli
 from snapkv.proto import serving_pb2 as pb
 from snapkv.proto import serving_pb2_grpc as pb_grpc
-from snapkv.transport import ChannelTLS, open_channel
+from snapkv.cli_services import free_port
+from snapkv.transport import ChannelTLS, ServerTLS, open_channel
+from tests.conftest import tiny_engine
+from tests.router.fakes import BackgroundLoop, wait_until
 from tests.security.conftest import TOKEN
 
 PROMPT = "the quick brown fox jumps over the lazy dog " * 6
@@ -23,9 +26,10 @@ def generate(address, tls, max_tokens=4, token=TOKEN):
         return list(client.generate(PROMPT, max_tokens=max_tokens, **COMPRESSION))
 
 
-def health_status(address, tls):
+def health_status(address, tls, service=""):
     with open_channel(address, tls) as channel:
-        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status
+        request = health_pb2.HealthCheckRequest(service=service)
+        return health_pb2_grpc.HealthStub(channel).Check(request, timeout=10).status
 
 
 def test_generate_over_tls_on_every_hop(stack, certificates):
@@ -110,3 +114,60 @@ def test_generate_command_with_client_certificate(mtls_router, certificates, cap
     captured = capsys.readouterr()
     assert status == 0, captured.err
     assert json.loads(captured.out)["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize("service", ["decode", "prefill", "router"])
+def test_health_port_serves_plaintext_probes(stack, health_ports, service):
+    # Kubernetes' gRPC probes do not use TLS: the health port reports the service's statuses to them.
+    address = f"127.0.0.1:{health_ports[service]}"
+    assert health_status(address, None) == health_pb2.HealthCheckResponse.SERVING
+    service_name = pb.DESCRIPTOR.services_by_name[service.capitalize()].full_name
+    assert health_status(address, None, service_name) == health_pb2.HealthCheckResponse.SERVING
+
+    with pytest.raises(grpc.RpcError) as error:
+        health_status(address, None, "no.such.Service")
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_health_port_serves_nothing_else(stack, health_ports):
+    # The router's API needs TLS and the token. On the health port it does not exist at all.
+    with open_channel(f"127.0.0.1:{health_ports['router']}", None) as channel:
+        with pytest.raises(grpc.RpcError) as error:
+            list(pb_grpc.RouterStub(channel).Generate(pb.GenerateRequest(prompt=PROMPT), timeout=10))
+    assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+    with open_channel(f"127.0.0.1:{health_ports['decode']}", None) as channel:
+        with pytest.raises(grpc.RpcError) as error:
+            pb_grpc.DecodeStub(channel).Status(pb.StatusRequest(), timeout=10)
+    assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def health_port_closed(address) -> bool:
+    try:
+        health_status(address, None)
+    except grpc.RpcError as error:
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+        return True
+    return False
+
+
+def test_health_port_stops_with_server(certificates):
+    # An in-process decode server over mutual TLS: its plaintext health port closes once it stops.
+    from decode_service.server import serve
+
+    async def stop(server, servicer) -> None:
+        await server.stop(grace=None)
+        servicer.close()
+
+    leaf = certificates.leaves["decode"]
+    health_address = f"127.0.0.1:{free_port()}"
+    tls = ServerTLS(leaf.cert_file, leaf.key_file, certificates.ca.cert_file)
+    background = BackgroundLoop()
+    try:
+        server, _, servicer = background.run(serve(tiny_engine(), tls=tls, health_address=health_address))
+        assert health_status(health_address, None) == health_pb2.HealthCheckResponse.SERVING
+
+        background.run(stop(server, servicer))
+        wait_until(lambda: health_port_closed(health_address), timeout_s=5)
+    finally:
+        background.close()
