@@ -1,5 +1,6 @@
-"""One stack for the reliability tests: two decode workers, prefill (local Ray, two actors) and the
-router, as separate processes on loopback with the tiny random-weight Llama.
+"""One stack for the reliability tests: two decode workers, prefill (local Ray, one actor) and the
+router, as separate processes on loopback with the tiny random-weight Llama. `running_stack` also
+starts the variant with two prefill actors that `tests/prefill_retry` uses.
 
 The decode workers get small KV budgets (4 MiB and 1 MiB) so that admission control is easy to
 reach, and a 3 s lease so that an unstreamed cache is freed quickly. Tests that kill a worker start
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -23,7 +26,6 @@ from snapkv.proto import serving_pb2_grpc as pb_grpc
 TINY = "tiny-llama"
 DECODE_WORKERS = ("decode", "decode-2")
 KV_BUDGET_MIB = {"decode": 4, "decode-2": 1}
-PREFILL_ACTORS = 2  # so that a request whose actor dies has another actor to be retried on
 LEASE_S = 3.0
 # tiny-llama keeps 2 layers x 2 KV heads x head dim 16 in fp32, for keys and values: 512 bytes per position.
 KV_BYTES_PER_POSITION = 2 * 2 * 2 * 16 * 4
@@ -32,11 +34,13 @@ STARTUP_TIMEOUT_S = 300.0
 RELEASE_TIMEOUT_S = 5.0  # a finished, cancelled or failed request frees its KV within this time
 
 
-@pytest.fixture(scope="package")
-def stack():
+@contextmanager
+def running_stack(prefill_actors: int) -> Iterator[LocalStack]:
+    """Start the stack described above with `prefill_actors` Ray actors; stop it on exit."""
     options = {name: ["--kv-budget-mib", str(mib)] for name, mib in KV_BUDGET_MIB.items()}
-    # One core per actor: the tiny model needs no more, and Ray then fits both actors on two cores.
-    options["prefill"] = ["--actors", str(PREFILL_ACTORS), "--cpus-per-actor", "1"]
+    if prefill_actors > 1:
+        # One core per actor: the tiny model needs no more, and Ray then fits the actors on two cores.
+        options["prefill"] = ["--actors", str(prefill_actors), "--cpus-per-actor", "1"]
     running = LocalStack(
         TINY,
         metrics_port=free_port(),
@@ -50,6 +54,12 @@ def stack():
             list(starting.map(lambda name: running.start_one(name, STARTUP_TIMEOUT_S), DECODE_WORKERS))
         for name in ("prefill", "router"):
             running.start_one(name, STARTUP_TIMEOUT_S)
+        yield running
+
+
+@pytest.fixture(scope="package")
+def stack():
+    with running_stack(prefill_actors=1) as running:
         yield running
 
 
