@@ -63,6 +63,11 @@ def paired_differences(records: list[dict], field: str, method: str, baseline: s
     return result
 
 
+def paired_cell(cell: dict) -> str:
+    """Return one `paired_differences` entry as "+0.020 ± 0.025 (3/8 lower)"."""
+    return f"{cell['mean']:+.3f} ± {cell['stderr']:.3f} ({cell['lower']}/{cell['cases']} lower)"
+
+
 def _cell(summary: dict, method: str, ratio: int, fmt: str) -> str:
     value = summary.get(method, {}).get(str(ratio))
     if value is None:
@@ -103,7 +108,7 @@ def markdown_tables(results: dict) -> str:
                 if cell is None:
                     cells.append("-")
                 else:
-                    cells.append(f"{cell['mean']:+.3f} ± {cell['stderr']:.3f} ({cell['lower']}/{cell['cases']} lower)")
+                    cells.append(paired_cell(cell))
             lines.append(f"| SnapKV minus {METHOD_LABELS[baseline]} | " + " | ".join(cells) + " |")
 
     agreement = results["agreement"]["summary"]

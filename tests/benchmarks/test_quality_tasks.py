@@ -105,3 +105,22 @@ def test_paired_differences_per_case():
     assert abs(paired["2"]["mean"] - 1 / 3) < 1e-12
     assert abs(paired["2"]["stderr"] - (7 / 36) ** 0.5) < 1e-12
     assert paired_differences(nll, "nll", "snapkv", "random") == {"4": {"mean": -1.0, "stderr": 0.0, "lower": 1, "cases": 1}}
+
+
+def test_nll_spread_tables():
+    from benchmarks.nll_spread import tables
+    from benchmarks.quality import summarize
+
+    nll, agreement = [], []
+    for case, offset in (("a", 0.0), ("b", 0.2)):
+        nll.append(dict(case=case, method="full", ratio=1, nll=2.0 + offset))
+        agreement.append(dict(case=case, method="full", ratio=1, prefix_match=1.0, positions_equal=1.0))
+        for method, extra in (("snapkv", 0.1), ("sinks_recent", 0.2), ("random", 0.9)):
+            nll.append(dict(case=case, method=method, ratio=2, nll=2.0 + offset + extra))
+            agreement.append(dict(case=case, method=method, ratio=2, prefix_match=1 - extra, positions_equal=1.0))
+    results = {"settings": {"ratios": [2]}, **summarize([], nll, agreement)}
+
+    text = tables(results)
+    assert "| snapkv | +0.100 |" in text
+    assert "| snapkv minus sinks_recent | -0.100 ± 0.000 (2/2 lower) |" in text
+    assert "| random | 0.10 |" in text
