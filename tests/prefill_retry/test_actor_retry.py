@@ -11,15 +11,13 @@ import grpc
 import psutil
 import pytest
 
-from router.client import SnapKVError
 from tests.reliability.conftest import assert_nothing_held, metric, running_stack, wait_until
 from tests.reliability.test_faults import (
     BLOCKING_PROMPT,
     consume,
-    generate,
     prefill_actor_processes,
     prefill_in_flight,
-    prompt,
+    request_succeeds,
     retries,
 )
 
@@ -56,17 +54,6 @@ def kill_during_prefill(stack, kill) -> dict:
     thread.join(60)
     assert not thread.is_alive()
     return result
-
-
-def request_succeeds(stack) -> bool:
-    """Send a short request; return whether it streamed its tokens, or False on UNAVAILABLE."""
-    try:
-        tokens, _ = generate(stack, prompt(12), 4)
-    except SnapKVError as error:
-        assert error.code == grpc.StatusCode.UNAVAILABLE
-        return False
-    assert len(tokens) == 4
-    return True
 
 
 def test_killed_prefill_actor_retried_on_another(stack):

@@ -249,6 +249,17 @@ def prefill_actor_processes(stack) -> list[psutil.Process]:
     return [child for child in prefill.children(recursive=True) if "PrefillActor" in " ".join(child.cmdline())]
 
 
+def request_succeeds(stack) -> bool:
+    """Send a short request; return whether it streamed its tokens, or False on UNAVAILABLE."""
+    try:
+        tokens, _ = generate(stack, prompt(12), 4)
+    except SnapKVError as error:
+        assert error.code == grpc.StatusCode.UNAVAILABLE
+        return False
+    assert len(tokens) == 4
+    return True
+
+
 def test_killed_prefill_actor_fails_cleanly_then_restarts(stack):
     # Scenario: the only prefill actor dies during a request. The router retries once, which finds no
     # ready actor, so the client gets UNAVAILABLE before any token. Ray restarts the actor, the pool
@@ -273,16 +284,7 @@ def test_killed_prefill_actor_fails_cleanly_then_restarts(stack):
 
     # The router takes the prefill server back after two successful health checks; until then every
     # request fails at once with UNAVAILABLE.
-    def request_succeeds() -> bool:
-        try:
-            tokens, _ = generate(stack, prompt(12), 4)
-        except SnapKVError as error:
-            assert error.code == grpc.StatusCode.UNAVAILABLE
-            return False
-        assert len(tokens) == 4
-        return True
-
-    wait_until(request_succeeds, 20, "no request succeeded after the actor restarted")
+    wait_until(lambda: request_succeeds(stack), 20, "no request succeeded after the actor restarted")
     assert_nothing_held(stack)
 
 
