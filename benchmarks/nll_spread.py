@@ -18,13 +18,11 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from benchmarks.common import RESULTS, markdown_table, progress, write_json
-from benchmarks.quality import Settings, run_documents, summarize
+from benchmarks.quality import BASELINES, Settings, run_documents, summarize
 from benchmarks.quality_report import paired_cell
 from snapkv.config import CompressionConfig
 from snapkv.engine import Engine
 from snapkv.model import DEFAULT_MODEL, load_model
-
-BASELINES = ("sinks_recent", "random")
 
 
 def tables(results: dict) -> str:

@@ -48,6 +48,7 @@ from snapkv.engine import Engine
 from snapkv.model import DEFAULT_MODEL, converted_folder, load_model
 
 METHODS = ("snapkv", "sinks_recent", "random")
+BASELINES = METHODS[1:]  # the methods SnapKV is compared with, prefix by prefix
 KVPRESS_SCRIPT = Path(__file__).with_name("kvpress_quality.py")
 
 
@@ -206,7 +207,7 @@ def summarize(needle: list[dict], nll: list[dict], agreement: list[dict]) -> dic
             "summary": nll_summary, "increase": increase, "records": nll,
             "snapkv_minus": {
                 baseline: quality_report.paired_differences(nll, "nll", "snapkv", baseline)
-                for baseline in ("sinks_recent", "random")
+                for baseline in BASELINES
             },
         },
         "agreement": {"summary": quality_report.mean_summary(agreement, "prefix_match"),
@@ -269,8 +270,7 @@ def write_results(results: dict, output_dir: Path) -> None:
     (output_dir / "quality.json").write_text(json.dumps(results, indent=1) + "\n")
     (output_dir / "quality.md").write_text(quality_report.markdown_fragment(results, tables))
     written = quality_report.plot(results, output_dir)
-    log(f"wrote quality.json, quality.md and {', '.join(p.name for p in written)} to {output_dir} "
-        f"in {results['seconds']:.0f} s")
+    log(f"wrote quality.json, quality.md and {', '.join(p.name for p in written)} to {output_dir}")
 
 
 def main() -> None:
@@ -297,6 +297,7 @@ def main() -> None:
     results.update(summarize(needle + kvpress_records, nll, agreement))
     results["seconds"] = time.perf_counter() - started
     write_results(results, args.output_dir)
+    log(f"ran in {results['seconds']:.0f} s")
 
 
 if __name__ == "__main__":

@@ -43,9 +43,9 @@ def bind_health_server(health_servicer: health.aio.HealthServicer, address: str)
     try:
         port = health_server.add_insecure_port(address)
     except RuntimeError as error:  # how recent grpcio reports a failed bind
-        raise OSError(f"could not bind the health port {address} (is it in use?): {error}") from error
+        raise OSError(f"failed to bind the health port {address}: {error}; choose a free port") from error
     if port == 0:
-        raise OSError(f"could not bind the health port {address} (is it in use?)")
+        raise OSError(f"failed to bind the health port {address}; choose a free port")
     return health_server
 
 
@@ -57,7 +57,8 @@ async def start_health_server(health_server: grpc.aio.Server, server: grpc.aio.S
         await server.wait_for_termination()
         await health_server.stop(grace=None)
 
-    # The task also keeps `health_server` referenced: grpc stops a server once it is garbage-collected.
+    # The task also keeps `health_server` referenced. In testing, an unreferenced grpc.aio server stopped
+    # serving once it was garbage-collected.
     task = asyncio.create_task(stop_with_server())
     _HEALTH_SERVER_STOPPERS.add(task)
     task.add_done_callback(_HEALTH_SERVER_STOPPERS.discard)

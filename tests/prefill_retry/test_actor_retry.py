@@ -58,7 +58,7 @@ def kill_during_prefill(stack, kill) -> dict:
 
 def test_killed_prefill_actor_retried_on_another(stack):
     # Scenario: the actor running a request dies before any token is sent. The router retries the
-    # request once; the pool sends it to the other actor, and the client gets every token. Ray
+    # request once. The pool sends it to the other actor, and the client gets every token. Ray
     # restarts the dead actor, and the pool takes it back.
     assert ready_actors(stack) == PREFILL_ACTORS
     restarts_before = metric(stack, "prefill", "snapkv_prefill_actor_restarts_total")
@@ -97,7 +97,7 @@ def test_killed_prefill_actors_fail_cleanly_then_restart(stack):
     assert retries(stack) - retries_before == 1
 
     wait_until(lambda: ready_actors(stack) == PREFILL_ACTORS, 120, "the actors did not return")
-    # The router takes the prefill server back after two successful health checks; until then every
+    # The router takes the prefill server back after two successful health checks. Until then every
     # request fails at once with UNAVAILABLE.
     wait_until(lambda: request_succeeds(stack), 20, "no request succeeded after the actors restarted")
     assert_nothing_held(stack)
