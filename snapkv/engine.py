@@ -91,7 +91,8 @@ class Engine:
         self.packed_layers = pack_linears(self.model) if pack_weights else 0
         if llama_decode is None:
             llama_decode = unsupported_reason(self.model) is None
-        self._llama_step = LlamaDecodeStep(self.model) if llama_decode else None
+        # With packed weights, the decode step also packs q/k/v and gate/up as one product each.
+        self._llama_step = LlamaDecodeStep(self.model, join_projections=pack_weights) if llama_decode else None
         self.num_layers = config.num_hidden_layers
         self.max_context = getattr(config, "max_position_embeddings", None)
         eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]

@@ -3,16 +3,19 @@
 `LlamaForCausalLM.forward` is generic: every step it builds a mask through the mask interface,
 dispatches each layer's attention by name and passes keyword arguments through five levels of
 modules. For one new token per row on a small model, that bookkeeping is a noticeable share of a
-step. `LlamaDecodeStep` does the same arithmetic in the same order on the same modules (so packed
+step. `LlamaDecodeStep` does the same arithmetic on the same modules (so packed
 linear layers and their weights are shared, not copied) with less of that work:
 - RoPE rotates the queries and keys of a layer in one operation, from one projection output each;
-- attention is `scaled_dot_product_attention` with grouped-query heads, on the cache rows in place;
-- the cache's mask is built once per step, and only when rows differ in length.
+- attention is `scaled_dot_product_attention` on the cache rows in place, with the query heads of
+  each KV head passed as that head's queries, so the kernel reads each cached key and value once;
+- the cache's mask is built once per step, and only when rows differ in length;
+- with `join_projections`, q, k and v are one product, and gate and up another.
 
-NOTE: the speed gain is not established. On SmolLM2-135M with 512 cached positions, a quick
-benchmark run measured a step 13 % faster than the generic forward at batch 1 and 8 % at batch 8.
-The full run's medians gave 1 % faster at batch 1, 14 % at batch 4 and 6 % slower at batch 8. Its
-rounds were up to 50 % apart, which is this 2-core machine's noise (docs/benchmarks).
+Speed, SmolLM2-135M, 512 cached positions, on the AVX-512 machine of 2026-12-05 (quick decode
+benchmark): 42.0 ms per step against 48.6 ms for the generic forward at batch 1, and 51.0 ms
+against 60.2 ms at batch 8. Joining the projections and passing grouped queries this way took a
+batch-8 step from 66.4 ms to 51.0 ms in two quick runs. On the AVX2 machine measured before, the gain of this module
+over the generic forward was within that machine's noise (docs/benchmarks).
 
 The logits are those of the generic forward to within float rounding, and the tests compare the two.
 """
@@ -25,6 +28,7 @@ from torch.nn import functional as F
 from transformers import PreTrainedModel
 
 from snapkv.kv_cache import BatchCache
+from snapkv.packed_linear import join_linears
 
 # Families whose decoder layer is Llama's: pre-norm RMSNorm, RoPE on q and k, gated MLP. Qwen2 adds
 # biases to q, k and v, which its linear modules apply themselves.
@@ -44,17 +48,19 @@ def unsupported_reason(model: PreTrainedModel) -> str | None:
 
 
 def _rms_norm(norm: nn.Module, states: torch.Tensor) -> torch.Tensor:
-    # The arithmetic of LlamaRMSNorm: normalize in fp32, then scale in the input's dtype.
+    # LlamaRMSNorm's arithmetic: normalize in fp32 (here in one operation), then scale in the input's dtype.
     dtype = states.dtype
-    states = states.to(torch.float32)
-    states = states * torch.rsqrt(states.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-    return norm.weight * states.to(dtype)
+    normalized = F.rms_norm(states.float(), (states.shape[-1],), eps=norm.variance_epsilon)
+    return norm.weight * normalized.to(dtype)
 
 
 class LlamaDecodeStep:
     """One decode step of a Llama-architecture causal LM over a `BatchCache`; see the module docstring."""
 
-    def __init__(self, model: PreTrainedModel):
+    def __init__(self, model: PreTrainedModel, join_projections: bool = False):
+        """`join_projections` computes q, k and v as one packed product, and gate and up as another
+        (`snapkv.packed_linear.join_linears`). It needs oneDNN and an fp32 CPU model, and costs as much
+        memory again as those weights (about 280 MiB for SmolLM2-135M)."""
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"the Llama decode step does not support this model: {reason}")
@@ -64,6 +70,14 @@ class LlamaDecodeStep:
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.layers = model.model.layers[: config.num_hidden_layers]
+        self.qkv_proj: list[nn.Module] | None = None
+        self.gate_up_proj: list[nn.Module] | None = None
+        if join_projections:
+            self.qkv_proj = [
+                join_linears([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj])
+                for layer in self.layers
+            ]
+            self.gate_up_proj = [join_linears([layer.mlp.gate_proj, layer.mlp.up_proj]) for layer in self.layers]
 
     def __call__(self, cache: BatchCache, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row [batch] at its original position; return next-token logits [batch, vocab_size].
@@ -74,31 +88,50 @@ class LlamaDecodeStep:
         decoder = self.model.model
         hidden = decoder.embed_tokens(tokens)  # [batch, hidden_size]
         cos, sin = decoder.rotary_emb(hidden, cache.position_ids())  # [batch, 1, head_dim]
-        mask = cache.attention_mask("sdpa", hidden.dtype)
+        mask = cache.attention_mask("sdpa", hidden.dtype)  # [batch, 1, 1, kv_len] or None
         half = self.head_dim // 2
         rotated_heads = self.num_heads + self.num_kv_heads
+        group = self.num_heads // self.num_kv_heads
 
-        for layer, cache_layer in zip(self.layers, cache.layers):
+        for index, (layer, cache_layer) in enumerate(zip(self.layers, cache.layers)):
             attention = layer.self_attn
             states = _rms_norm(layer.input_layernorm, hidden)
-            queries = attention.q_proj(states).view(batch, self.num_heads, self.head_dim)
-            keys = attention.k_proj(states).view(batch, self.num_kv_heads, self.head_dim)
-            values = attention.v_proj(states).view(batch, self.num_kv_heads, 1, self.head_dim)
+            heads, values = self._project_qkv(index, attention, states)  # [B, H + H_kv, D], [B, H_kv, 1, D]
             # rotate_half and apply_rotary_pos_emb of transformers, on queries and keys together.
-            heads = torch.cat((queries, keys), dim=1)
             heads = heads * cos + torch.cat((-heads[..., half:], heads[..., :half]), dim=-1) * sin
-            queries = heads[:, : self.num_heads].unsqueeze(2)
+            # The query heads that share a KV head attend as that head's `group` queries: sdpa then
+            # reads each cached key and value once, and the row's mask applies to all of them.
+            queries = heads[:, : self.num_heads].reshape(batch, self.num_kv_heads, group, self.head_dim)
             keys = heads[:, self.num_heads : rotated_heads].unsqueeze(2)
 
             all_keys, all_values = cache_layer.update(keys, values)
             output = F.scaled_dot_product_attention(
-                queries, all_keys, all_values, attn_mask=mask, scale=attention.scaling, enable_gqa=True
-            )
+                queries, all_keys, all_values, attn_mask=mask, scale=attention.scaling
+            )  # [B, H_kv, group, D]
             hidden = hidden + attention.o_proj(output.reshape(batch, self.num_heads * self.head_dim))
 
-            mlp = layer.mlp
             states = _rms_norm(layer.post_attention_layernorm, hidden)
-            hidden = hidden + mlp.down_proj(mlp.act_fn(mlp.gate_proj(states)) * mlp.up_proj(states))
+            hidden = hidden + layer.mlp.down_proj(self._gate_up(index, layer.mlp, states))
 
         hidden = _rms_norm(decoder.norm, hidden)
         return self.model.lm_head(hidden)
+
+    def _project_qkv(self, index: int, attention: nn.Module, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the queries and keys before RoPE [batch, num_heads + num_kv_heads, head_dim] and the
+        values [batch, num_kv_heads, 1, head_dim] of one layer."""
+        batch = states.shape[0]
+        if self.qkv_proj is None:
+            queries = attention.q_proj(states).view(batch, self.num_heads, self.head_dim)
+            keys = attention.k_proj(states).view(batch, self.num_kv_heads, self.head_dim)
+            values = attention.v_proj(states).view(batch, self.num_kv_heads, 1, self.head_dim)
+            return torch.cat((queries, keys), dim=1), values
+        projected = self.qkv_proj[index](states).view(batch, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        rotated_heads = self.num_heads + self.num_kv_heads
+        return projected[:, :rotated_heads], projected[:, rotated_heads:].unsqueeze(2)
+
+    def _gate_up(self, index: int, mlp: nn.Module, states: torch.Tensor) -> torch.Tensor:
+        """Return act(gate(states)) * up(states), the input of the down projection."""
+        if self.gate_up_proj is None:
+            return mlp.act_fn(mlp.gate_proj(states)) * mlp.up_proj(states)
+        gate, up = self.gate_up_proj[index](states).chunk(2, dim=-1)
+        return mlp.act_fn(gate) * up

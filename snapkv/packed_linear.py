@@ -1,10 +1,12 @@
 """Linear layers through oneDNN with weights packed once, for the skinny products of decoding on CPUs.
 
 A decode step multiplies a few rows of activations (one per sequence in the batch) by every weight
-matrix. On the 2-core CPU this project is measured on, PyTorch's default BLAS path ran those products
-at a third of the speed of oneDNN with a pre-packed weight. The 8-row vocabulary projection of
-SmolLM2-135M (576 x 49152) took 87 ms against 26 ms. A 1,024-token prefill ran about as fast either
-way. `pack_linears` swaps every `nn.Linear` of a model for a `PackedLinear` that calls oneDNN's kernel.
+matrix. On the 2-core CPUs this project is measured on, PyTorch's default BLAS path ran those products
+at a third to a fifth of the speed of oneDNN with a pre-packed weight: the 8-row vocabulary
+projection of SmolLM2-135M (576 x 49152) took 87 ms against 26 ms on an AVX2 machine, and 18.4 ms
+against 3.7 ms on an AVX-512 one. A 1,024-token prefill ran about as fast either way. `pack_linears`
+swaps every `nn.Linear` of a model for a `PackedLinear` that calls oneDNN's kernel, and
+`join_linears` packs layers that read the same input as one product.
 
 NOTE: `torch.ops.mkldnn._reorder_linear_weight` and `_linear_pointwise` are the operators PyTorch's
 own compiler emits for CPU linears. They are not a documented public API and may change with a
@@ -19,11 +21,6 @@ from torch import nn
 
 # The row count oneDNN packs the weights for; a hint only, any row count gives the same result.
 BATCH_HINT = 8
-# One row (one sequence decoding) ran faster through the plain weight of square and narrowing
-# matrices (q, k, v, o, down), and slower through that of widening ones (gate, up, vocabulary).
-# With the weights cold in cache, 1536 x 576 took 410 us plain and 316 us packed; 576 x 576 took
-# 144 us and 180 us. So a single row takes the packed path only where out_features > in_features.
-MIN_PACKED_ROWS = 2
 
 
 def packed_linear_available() -> bool:
@@ -36,9 +33,14 @@ def packed_linear_available() -> bool:
 
 
 class PackedLinear(nn.Module):
-    """A fp32 CPU `nn.Linear` that also keeps its weight packed in oneDNN's layout; same inputs and outputs.
+    """A fp32 CPU `nn.Linear` that computes with its weight packed in oneDNN's layout; same inputs and outputs.
 
-    The packed copy costs as much memory as the weight.
+    The module keeps the layer's parameters, so the model's state dict, dtype and device read as
+    before, and the packed copy costs as much memory again. Every row count takes the packed path.
+    One row used to take the plain weight for square and narrowing matrices, which was faster on the
+    AVX2 machine of the first measurements. On the AVX-512 machine measured on 2026-12-05 the packed
+    path was faster for them too (576 x 576: 83 us against 124 us; 1536 x 576: 207 us against 245 us,
+    weights cold in cache), and as fast for 576 x 192.
     """
 
     def __init__(self, linear: nn.Linear):
@@ -52,13 +54,38 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] < MIN_PACKED_ROWS and self.out_features <= self.in_features:
-            return nn.functional.linear(x, self.weight, self.bias)
         out = torch.ops.mkldnn._linear_pointwise(rows, self.packed_weight, self.bias, "none", [], "")
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+@torch.no_grad()
+def join_linears(linears: list[nn.Module]) -> PackedLinear:
+    """Return one `PackedLinear` for several linear layers that read the same input; its output is
+    theirs side by side, in the order given.
+
+    One product with the joined weight replaces several smaller ones (q, k and v; gate and up). Only
+    the packed copy of the joined weight is kept: it costs as much memory as the layers' weights.
+    """
+    in_features = linears[0].in_features
+    if any(linear.in_features != in_features for linear in linears):
+        sizes = [linear.in_features for linear in linears]
+        raise ValueError(f"invalid layers to join: in_features differ ({sizes}); join only layers that read the same input")
+    weight = torch.cat([linear.weight for linear in linears])
+    bias = None
+    if any(linear.bias is not None for linear in linears):
+        bias = torch.cat([
+            linear.bias if linear.bias is not None else weight.new_zeros(linear.out_features) for linear in linears
+        ])
+    joined = nn.Linear(in_features, weight.shape[0], bias=bias is not None, device="meta")
+    joined.weight = nn.Parameter(weight, requires_grad=False)
+    joined.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+    packed = PackedLinear(joined)
+    # The joined weight is a new tensor that only the packed copy needs; keep no second copy.
+    packed.weight = None
+    return packed
 
 
 def pack_linears(model: nn.Module) -> int:

@@ -9,7 +9,7 @@ from snapkv.engine import Engine, Request
 from snapkv.kv_cache import BatchCache
 from snapkv.llama_decode import LlamaDecodeStep, unsupported_reason
 from snapkv.tiny_models import tiny_model
-from tests.conftest import FAMILY_SHAPES, tiny_engine
+from tests.conftest import FAMILY_SHAPES
 
 STEPS = 6
 
@@ -48,9 +48,11 @@ def both_paths_logits(engine: Engine, lengths: list[int], compression: Compressi
         ([90, 17], None),
     ],
 )
-def test_same_logits_as_generic_forward(family, lengths, compression):
-    engine = tiny_engine(family)
+@pytest.mark.parametrize("pack_weights", [True, False])  # with joined q/k/v and gate/up products, and without
+def test_same_logits_as_generic_forward(family, lengths, compression, pack_weights):
+    engine = Engine(tiny_model(family, **FAMILY_SHAPES[family]), pack_weights=pack_weights)
     assert engine.decode_path == "llama"
+    assert (engine._llama_step.qkv_proj is not None) == pack_weights
 
     llama, generic = both_paths_logits(engine, lengths, compression)
 

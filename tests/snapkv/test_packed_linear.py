@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from snapkv.engine import Engine
-from snapkv.packed_linear import PackedLinear, pack_linears, packed_linear_available
+from snapkv.packed_linear import PackedLinear, join_linears, pack_linears, packed_linear_available
 from snapkv.tiny_models import tiny_model
 
 
@@ -15,7 +15,7 @@ def test_operators_exist_in_pinned_torch():
 
 
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("features", [(48, 80), (80, 48)])  # one row takes the packed path only when widening
+@pytest.mark.parametrize("features", [(48, 80), (80, 48)])  # widening and narrowing
 @pytest.mark.parametrize("rows", [(1,), (2,), (8,), (3, 5), (4, 1)])
 def test_packed_linear_matches_linear(rows, features, bias):
     torch.manual_seed(0)
@@ -26,6 +26,26 @@ def test_packed_linear_matches_linear(rows, features, bias):
     out = packed(x)
     assert out.shape == (*rows, out_features)
     torch.testing.assert_close(out, linear(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [(1,), (8,), (3, 5)])
+def test_joined_outputs_side_by_side(rows):
+    # q, k and v of a Qwen2 layer have biases; Llama's gate and up have none. Mixed biases join too.
+    torch.manual_seed(0)
+    linears = [nn.Linear(48, 64, bias=True), nn.Linear(48, 16, bias=False), nn.Linear(48, 16, bias=True)]
+    joined = join_linears(linears)
+    x = torch.randn(*rows, 48)
+    out = joined(x)
+    assert out.shape == (*rows, 96)
+    torch.testing.assert_close(out, torch.cat([linear(x) for linear in linears], dim=-1), rtol=1e-5, atol=1e-5)
+    # Only the packed copy of the joined weight is kept.
+    assert joined.weight is None
+    assert join_linears(linears[1:2]).bias is None
+
+
+def test_join_rejects_different_inputs():
+    with pytest.raises(ValueError, match="in_features differ \\(\\[48, 32\\]\\)"):
+        join_linears([nn.Linear(48, 8), nn.Linear(32, 8)])
 
 
 def test_pack_linears_replaces_every_linear():
