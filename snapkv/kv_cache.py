@@ -70,8 +70,7 @@ class BatchLayer(CacheLayerMixin):
         if kv_len > self.keys.shape[2]:
             raise RuntimeError(f"BatchCache capacity {self.keys.shape[2]} exhausted")
 
-        rows = torch.arange(batch, device=self.keys.device)
-        lengths = self.cache.lengths
+        rows, lengths = self.cache.rows, self.cache.lengths
         self.keys[rows, :, lengths] = key_states[:, :, 0]
         self.values[rows, :, lengths] = value_states[:, :, 0]
         return self.keys[:, :, :kv_len], self.values[:, :, :kv_len]
@@ -101,8 +100,16 @@ class BatchCache(Cache):
         device = prompts[0].keys.device
         self.lengths = torch.tensor([p.kept_length for p in prompts], device=device)
         self.positions = torch.tensor([p.prompt_length for p in prompts], device=device)
+        self._rows: torch.Tensor | None = None
         self._max_length = int(self.lengths.max())
         self._min_length = int(self.lengths.min())
+
+    @property
+    def rows(self) -> torch.Tensor:
+        """Row indices [batch], for writing one position per row; rebuilt only when the batch size changes."""
+        if self._rows is None or self._rows.shape[0] != self.batch_size:
+            self._rows = torch.arange(self.batch_size, device=self.lengths.device)
+        return self._rows
 
     def add_rows(self, prompts: list[PromptCache], max_new_tokens: int) -> None:
         """Append sequences as new rows (between steps), growing the capacity if they need more."""

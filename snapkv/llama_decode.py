@@ -47,11 +47,14 @@ def unsupported_reason(model: PreTrainedModel) -> str | None:
     return None
 
 
+def _normalize(norm: nn.Module, states: torch.Tensor) -> torch.Tensor:
+    # LlamaRMSNorm's normalization, in fp32 and in one operation, without its weight.
+    return F.rms_norm(states.float(), (states.shape[-1],), eps=norm.variance_epsilon).to(states.dtype)
+
+
 def _rms_norm(norm: nn.Module, states: torch.Tensor) -> torch.Tensor:
-    # LlamaRMSNorm's arithmetic: normalize in fp32 (here in one operation), then scale in the input's dtype.
-    dtype = states.dtype
-    normalized = F.rms_norm(states.float(), (states.shape[-1],), eps=norm.variance_epsilon)
-    return norm.weight * normalized.to(dtype)
+    # LlamaRMSNorm's arithmetic: normalize in fp32, then scale in the input's dtype.
+    return norm.weight * _normalize(norm, states)
 
 
 class LlamaDecodeStep:
@@ -60,7 +63,8 @@ class LlamaDecodeStep:
     def __init__(self, model: PreTrainedModel, join_projections: bool = False):
         """`join_projections` computes q, k and v as one packed product, and gate and up as another
         (`snapkv.packed_linear.join_linears`). It needs oneDNN and an fp32 CPU model, and costs as much
-        memory again as those weights (about 280 MiB for SmolLM2-135M)."""
+        memory again as those weights (about 280 MiB for SmolLM2-135M). The weight of the RMSNorm before
+        each joined product is folded into it, which changes the logits by float rounding only."""
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"the Llama decode step does not support this model: {reason}")
@@ -74,10 +78,16 @@ class LlamaDecodeStep:
         self.gate_up_proj: list[nn.Module] | None = None
         if join_projections:
             self.qkv_proj = [
-                join_linears([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj])
+                join_linears(
+                    [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj],
+                    input_scale=layer.input_layernorm.weight,
+                )
                 for layer in self.layers
             ]
-            self.gate_up_proj = [join_linears([layer.mlp.gate_proj, layer.mlp.up_proj]) for layer in self.layers]
+            self.gate_up_proj = [
+                join_linears([layer.mlp.gate_proj, layer.mlp.up_proj], input_scale=layer.post_attention_layernorm.weight)
+                for layer in self.layers
+            ]
 
     def __call__(self, cache: BatchCache, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row [batch] at its original position; return next-token logits [batch, vocab_size].
@@ -88,17 +98,19 @@ class LlamaDecodeStep:
         decoder = self.model.model
         hidden = decoder.embed_tokens(tokens)  # [batch, hidden_size]
         cos, sin = decoder.rotary_emb(hidden, cache.position_ids())  # [batch, 1, head_dim]
-        mask = cache.attention_mask("sdpa", hidden.dtype)  # [batch, 1, 1, kv_len] or None
+        # rotate_half(x) * sin of transformers is swap_halves(x) * sin with its first half negated.
         half = self.head_dim // 2
+        signed_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        mask = cache.attention_mask("sdpa", hidden.dtype)  # [batch, 1, 1, kv_len] or None
         rotated_heads = self.num_heads + self.num_kv_heads
         group = self.num_heads // self.num_kv_heads
 
         for index, (layer, cache_layer) in enumerate(zip(self.layers, cache.layers)):
             attention = layer.self_attn
-            states = _rms_norm(layer.input_layernorm, hidden)
-            heads, values = self._project_qkv(index, attention, states)  # [B, H + H_kv, D], [B, H_kv, 1, D]
-            # rotate_half and apply_rotary_pos_emb of transformers, on queries and keys together.
-            heads = heads * cos + torch.cat((-heads[..., half:], heads[..., :half]), dim=-1) * sin
+            heads, values = self._project_qkv(index, layer, hidden)  # [B, H + H_kv, D], [B, H_kv, 1, D]
+            # apply_rotary_pos_emb of transformers, on queries and keys together.
+            swapped = heads.unflatten(-1, (2, half)).flip(-2).flatten(-2)
+            heads = torch.addcmul(heads * cos, swapped, signed_sin)
             # The query heads that share a KV head attend as that head's `group` queries: sdpa then
             # reads each cached key and value once, and the row's mask applies to all of them.
             queries = heads[:, : self.num_heads].reshape(batch, self.num_kv_heads, group, self.head_dim)
@@ -110,28 +122,33 @@ class LlamaDecodeStep:
             )  # [B, H_kv, group, D]
             hidden = hidden + attention.o_proj(output.reshape(batch, self.num_heads * self.head_dim))
 
-            states = _rms_norm(layer.post_attention_layernorm, hidden)
-            hidden = hidden + layer.mlp.down_proj(self._gate_up(index, layer.mlp, states))
+            hidden = hidden + layer.mlp.down_proj(self._gate_up(index, layer, hidden))
 
         hidden = _rms_norm(decoder.norm, hidden)
         return self.model.lm_head(hidden)
 
-    def _project_qkv(self, index: int, attention: nn.Module, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _project_qkv(self, index: int, layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return the queries and keys before RoPE [batch, num_heads + num_kv_heads, head_dim] and the
-        values [batch, num_kv_heads, 1, head_dim] of one layer."""
-        batch = states.shape[0]
+        values [batch, num_kv_heads, 1, head_dim] of one layer, from its input [batch, hidden_size]."""
+        batch = hidden.shape[0]
+        attention = layer.self_attn
         if self.qkv_proj is None:
+            states = _rms_norm(layer.input_layernorm, hidden)
             queries = attention.q_proj(states).view(batch, self.num_heads, self.head_dim)
             keys = attention.k_proj(states).view(batch, self.num_kv_heads, self.head_dim)
             values = attention.v_proj(states).view(batch, self.num_kv_heads, 1, self.head_dim)
             return torch.cat((queries, keys), dim=1), values
+        states = _normalize(layer.input_layernorm, hidden)
         projected = self.qkv_proj[index](states).view(batch, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
         rotated_heads = self.num_heads + self.num_kv_heads
         return projected[:, :rotated_heads], projected[:, rotated_heads:].unsqueeze(2)
 
-    def _gate_up(self, index: int, mlp: nn.Module, states: torch.Tensor) -> torch.Tensor:
-        """Return act(gate(states)) * up(states), the input of the down projection."""
+    def _gate_up(self, index: int, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """Return act(gate(x)) * up(x) for x the normalized `hidden`: the input of the down projection."""
+        mlp = layer.mlp
         if self.gate_up_proj is None:
+            states = _rms_norm(layer.post_attention_layernorm, hidden)
             return mlp.act_fn(mlp.gate_proj(states)) * mlp.up_proj(states)
+        states = _normalize(layer.post_attention_layernorm, hidden)
         gate, up = self.gate_up_proj[index](states).chunk(2, dim=-1)
         return mlp.act_fn(gate) * up

@@ -62,18 +62,22 @@ class PackedLinear(nn.Module):
 
 
 @torch.no_grad()
-def join_linears(linears: list[nn.Module]) -> PackedLinear:
+def join_linears(linears: list[nn.Module], input_scale: torch.Tensor | None = None) -> PackedLinear:
     """Return one `PackedLinear` for several linear layers that read the same input; its output is
     theirs side by side, in the order given.
 
     One product with the joined weight replaces several smaller ones (q, k and v; gate and up). Only
     the packed copy of the joined weight is kept: it costs as much memory as the layers' weights.
+    `input_scale` [in_features], when given, is folded into the weight: the joined layer applied to
+    x gives the layers applied to `input_scale * x` (an RMSNorm's weight, to within float rounding).
     """
     in_features = linears[0].in_features
     if any(linear.in_features != in_features for linear in linears):
         sizes = [linear.in_features for linear in linears]
         raise ValueError(f"invalid layers to join: in_features differ ({sizes}); join only layers that read the same input")
     weight = torch.cat([linear.weight for linear in linears])
+    if input_scale is not None:
+        weight = weight * input_scale
     bias = None
     if any(linear.bias is not None for linear in linears):
         bias = torch.cat([

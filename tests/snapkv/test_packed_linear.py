@@ -43,6 +43,16 @@ def test_joined_outputs_side_by_side(rows):
     assert join_linears(linears[1:2]).bias is None
 
 
+def test_joined_input_scale_folds_into_weight():
+    # An RMSNorm's weight folded into the product that follows the norm.
+    torch.manual_seed(0)
+    linears = [nn.Linear(48, 32, bias=False), nn.Linear(48, 32, bias=False)]
+    scale = torch.rand(48) + 0.5
+    x = torch.randn(4, 48)
+    out = join_linears(linears, input_scale=scale)(x)
+    torch.testing.assert_close(out, torch.cat([linear(scale * x) for linear in linears], dim=-1), rtol=1e-5, atol=1e-5)
+
+
 def test_join_rejects_different_inputs():
     with pytest.raises(ValueError, match="in_features differ \\(\\[48, 32\\]\\)"):
         join_linears([nn.Linear(48, 8), nn.Linear(32, 8)])
