@@ -53,10 +53,20 @@ class DecodeJob:
 class DecodeScheduler:
     """Runs the decode loop over a changing set of sequences."""
 
-    def __init__(self, engine: Engine, max_batch_size: int = 32, on_step: Callable[[int, float], None] | None = None):
+    def __init__(
+        self,
+        engine: Engine,
+        max_batch_size: int = 32,
+        on_step: Callable[[int, float], None] | None = None,
+        num_threads: int | None = None,
+    ):
+        """`num_threads` sets torch's intra-op threads of the decode loop's thread; None keeps torch's default."""
         if max_batch_size < 1:
             raise ValueError(f"invalid max_batch_size={max_batch_size}: expected >= 1")
+        if num_threads is not None and num_threads < 1:
+            raise ValueError(f"invalid num_threads={num_threads}: expected >= 1")
         self.engine = engine
+        self.num_threads = num_threads
         self.max_batch_size = max_batch_size
         self.on_step = on_step or (lambda batch_size, seconds: None)
         self._pending: collections.deque[DecodeJob] = collections.deque()
@@ -95,6 +105,9 @@ class DecodeScheduler:
             self._wake.notify()
 
     def _run(self) -> None:
+        if self.num_threads is not None:
+            # The thread count is kept per thread by OpenMP, so this thread sets its own.
+            torch.set_num_threads(self.num_threads)
         while True:
             with self._wake:
                 while not self._stopping and not self._pending and not self._active:

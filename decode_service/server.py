@@ -187,6 +187,7 @@ async def serve(
     metrics: DecodeMetrics | None = None,
     tls: ServerTLS | None = None,
     health_address: str | None = None,
+    decode_threads: int | None = None,
 ) -> tuple[grpc.aio.Server, int, DecodeServicer]:
     """Start a decode server on `address`, over TLS when `tls` is set; return it, the bound port and the servicer.
 
@@ -198,7 +199,7 @@ async def serve(
     metrics = metrics or DecodeMetrics(engine.name, address, CollectorRegistry())
     memory = KVMemory(kv_budget_bytes)
     loaded = LoadedCaches(memory, lease_s)
-    scheduler = DecodeScheduler(engine, max_batch_size, on_step=metrics.observe_step)
+    scheduler = DecodeScheduler(engine, max_batch_size, on_step=metrics.observe_step, num_threads=decode_threads)
     servicer = DecodeServicer(engine, scheduler, memory, loaded)
     servicer.metrics = metrics
     metrics.active_sequences.set_function(lambda: scheduler.active_count)

@@ -108,7 +108,7 @@ def add_service_commands(commands) -> None:
     decode.add_argument("--kv-budget-mib", type=int, default=2048, help="KV memory the worker may reserve, in MiB")
     decode.add_argument("--lease-s", type=float, default=30.0, help="seconds a loaded cache waits for its stream")
     decode.add_argument("--max-batch-size", type=int, default=32, help="sequences decoded together at most")
-    decode.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    decode.add_argument("--threads", type=int, default=None, help="torch CPU threads of the decode loop (default: torch's choice)")
     decode.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when a GPU is visible")
 
     prefill = service("prefill", "run a prefill server and its Ray actors", 50052)

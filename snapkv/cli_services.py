@@ -28,7 +28,8 @@ ROUTER_SERVICE = pb.DESCRIPTOR.services_by_name["Router"].full_name
 logger = logging.getLogger("snapkv_serve")
 
 LOOPBACK = "127.0.0.1"
-STARTUP_TIMEOUT_S = 600.0  # the first start converts the embedded model
+STARTUP_TIMEOUT_S = 600.0
+DECODE_SPINCOUNT = "10000"  # the first start converts the embedded model
 
 
 def _start_metrics(port: int | None, host: str) -> None:
@@ -40,20 +41,22 @@ def _start_metrics(port: int | None, host: str) -> None:
 
 
 def run_decode(args: argparse.Namespace) -> int:
+    import torch
+
     from decode_service.metrics import DecodeMetrics
     from decode_service.server import serve
     from snapkv.engine import Engine
     from snapkv.model import resolve_model
     from snapkv.serving import serve_until_signal
 
-    if args.threads is not None:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    # Only the decode loop's thread runs torch on several threads; this one loads the model and
+    # decodes transfers on one. libgomp keeps a team of worker threads for every thread that ran a
+    # parallel region. When those threads outnumber the cores, it cuts the busy-wait between regions
+    # to 100 spins, and each decode step took about 10 ms more on a 2-core machine.
+    decode_threads = args.threads or torch.get_num_threads()
+    torch.set_num_threads(1)
     device = args.device
     if device == "auto":
-        import torch
-
         device = "cuda" if torch.cuda.is_available() else "cpu"
     engine = Engine(resolve_model(args.model, args.cache_dir, device))
     _start_metrics(args.metrics_port, args.host)
@@ -63,6 +66,7 @@ def run_decode(args: argparse.Namespace) -> int:
         server, port, servicer = await serve(
             engine, address, args.kv_budget_mib << 20, args.lease_s, args.max_batch_size,
             DecodeMetrics(engine.name, worker_name(args.port)), tls=args.tls, health_address=health_address(args),
+            decode_threads=decode_threads,
         )
         print(f"decode worker listening on {args.host}:{port}", flush=True)
         await serve_until_signal(server, servicer.close)
@@ -134,8 +138,9 @@ def worker_name(port: int) -> str:
 def split_cores(num_cores: int) -> tuple[int, int]:
     """Return (decode threads, prefill actor CPUs) for one machine.
 
-    Prefill gets every core and decode a quarter (at least one). With passive OpenMP waiting they
-    contend only while both compute, so a lone prefill runs at full speed.
+    Prefill gets every core and decode a quarter (at least one). Idle OpenMP threads sleep (after a
+    short busy-wait in decode; see `LocalStack.start_one`), so the two contend only while both
+    compute, and a lone prefill runs at full speed.
     """
     return max(1, num_cores // 4), num_cores
 
@@ -190,6 +195,7 @@ class LocalStack:
         num_decode_workers: int = 1,
     ):
         decode_names = ["decode"] + [f"decode-{number}" for number in range(2, num_decode_workers + 1)]
+        self.decode_names = decode_names
         self.ports = {name: free_port() for name in decode_names}
         self.ports.update(prefill=free_port(), router=router_port or free_port())
         self.metrics_ports = (
@@ -223,8 +229,12 @@ class LocalStack:
     def start_one(self, name: str, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
         """Start (or restart) one service on its port and wait until it is healthy."""
         argv = [sys.executable, "-m", "snapkv.cli", "--log-level", self.log_level, *self.commands[name]]
-        # Idle OpenMP threads sleep instead of spinning, so neighbouring services keep their cores.
+        # Idle OpenMP threads sleep instead of spinning, so neighbouring services keep their cores. A
+        # decode step runs hundreds of short parallel regions, so decode threads busy-wait 10,000 spins
+        # first: an explicit GOMP_SPINCOUNT takes precedence over PASSIVE (see k8s/base/decode.yaml).
         env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+        if name in self.decode_names:
+            env["GOMP_SPINCOUNT"] = DECODE_SPINCOUNT
         self.processes[name] = subprocess.Popen(argv, stdout=subprocess.DEVNULL, env=env)
         # The router's own service turns SERVING once it has seen a healthy prefill and decode worker,
         # so a stack that has started can serve its first request.

@@ -4,6 +4,7 @@ exactly what they decode alone, and the loop really batches them."""
 import queue
 import threading
 
+import pytest
 import torch
 
 from decode_service.scheduler import DecodeJob, DecodeScheduler
@@ -88,3 +89,28 @@ def test_cancel_releases_sequence():
     finally:
         scheduler.stop()
     assert scheduler.active_count == 0
+
+
+def test_loop_thread_sets_its_thread_count():
+    # OpenMP keeps the thread count per thread: the decode loop sets its own, and the caller's stays.
+    engine = tiny_engine()
+    caller_threads = torch.get_num_threads()
+    loop_threads = []
+    scheduler = DecodeScheduler(engine, on_step=lambda size, seconds: loop_threads.append(torch.get_num_threads()),
+                                num_threads=caller_threads + 1)
+    scheduler.start()
+    try:
+        job, events, done, first_token = make_job(engine, Request("t", prompt(60, 3), SamplingParams(max_tokens=3), SMALL), "h")
+        scheduler.submit(job)
+        collect(events, first_token)
+        assert done.wait(10)
+    finally:
+        scheduler.stop()
+    assert loop_threads
+    assert set(loop_threads) == {caller_threads + 1}
+    assert torch.get_num_threads() == caller_threads
+
+
+def test_invalid_thread_count_rejected():
+    with pytest.raises(ValueError, match="invalid num_threads=0"):
+        DecodeScheduler(tiny_engine(), num_threads=0)

@@ -22,6 +22,7 @@ from tests.reliability.test_faults import (
 )
 
 PREFILL_ACTORS = 2
+CPU_SAMPLE_S = 0.05
 
 
 @pytest.fixture(scope="module")
@@ -31,13 +32,26 @@ def stack():
 
 
 def busy_actor(stack) -> psutil.Process:
-    """Return the prefill actor process that runs the request in flight: the one using the CPU."""
+    """Return the prefill actor process that runs the request in flight: the first one seen using the CPU.
+
+    The samples are short because the tiny model's prefill of the blocking prompt took under half a
+    second on one 2-core machine (about 3 s on another), and the actor must be killed before it ends.
+    """
     actors = prefill_actor_processes(stack)
     assert len(actors) == PREFILL_ACTORS
-    before = [sum(actor.cpu_times()[:2]) for actor in actors]
-    time.sleep(0.5)
-    used = [sum(actor.cpu_times()[:2]) - start for actor, start in zip(actors, before)]
-    return actors[used.index(max(used))]
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        before = [cpu_seconds(actor) for actor in actors]
+        time.sleep(CPU_SAMPLE_S)
+        used = [cpu_seconds(actor) - start for actor, start in zip(actors, before)]
+        if max(used) > 0:
+            return actors[used.index(max(used))]
+    pytest.fail("no prefill actor used the CPU while a request was in flight")
+
+
+def cpu_seconds(process: psutil.Process) -> float:
+    user, system = process.cpu_times()[:2]
+    return user + system
 
 
 def ready_actors(stack) -> float:
