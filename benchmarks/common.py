@@ -37,6 +37,8 @@ def machine() -> dict:
         "memory_gib": memory_gib,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "torch_threads": torch.get_num_threads(),
+        # The widest vector instructions PyTorch uses here ("AVX2", "AVX512"): it sets the matmul rate.
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": version("transformers"),

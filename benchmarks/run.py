@@ -66,6 +66,10 @@ def write_report(folder: Path = RESULTS) -> Path:
             parts += [fragment.read_text().strip() if fragment.exists() else f"## {title}\n\n(quality.md missing)", ""]
         else:
             measured = f"{result.get('version', 'quick')} version, measured {result['machine']['date']}"
+            # Machines of the same name differ: one measured here had AVX2, a later one AVX-512.
+            capability = result["machine"].get("cpu_capability")
+            if capability:
+                measured += f" on a CPU with {capability}"
             parts += [f"## {title}", "", f"({measured})", "", MODULES[name].summarize(result), "",
                       f"![{title}]({name}.png)", ""]
     report = folder / "results.md"
