@@ -3,19 +3,19 @@
 `LlamaForCausalLM.forward` is generic: every step it builds a mask through the mask interface,
 dispatches each layer's attention by name and passes keyword arguments through five levels of
 modules. For one new token per row on a small model, that bookkeeping is a noticeable share of a
-step. `LlamaDecodeStep` does the same arithmetic on the same modules (so packed
-linear layers and their weights are shared, not copied) with less of that work:
+step. `LlamaDecodeStep` does the same arithmetic on the same modules (so packed linear layers and
+their weights are shared, not copied) with less of that work:
 - RoPE rotates the queries and keys of a layer in one operation, from one projection output each;
 - attention is `scaled_dot_product_attention` on the cache rows in place, with the query heads of
   each KV head passed as that head's queries, so the kernel reads each cached key and value once;
 - the cache's mask is built once per step, and only when rows differ in length;
-- with `join_projections`, q, k and v are one product, and gate and up another.
+- with `join_projections`, q, k and v are one product and gate and up another, each with the weight
+  of the RMSNorm before it folded in.
 
-Speed, SmolLM2-135M, 512 cached positions, on the AVX-512 machine of 2026-12-05 (quick decode
-benchmark): 42.0 ms per step against 48.6 ms for the generic forward at batch 1, and 51.0 ms
-against 60.2 ms at batch 8. Joining the projections and passing grouped queries this way took a
-batch-8 step from 66.4 ms to 51.0 ms in two quick runs. On the AVX2 machine measured before, the gain of this module
-over the generic forward was within that machine's noise (docs/benchmarks).
+Speed, SmolLM2-135M, 512 cached positions, three full decode benchmark runs on an AVX-512 machine:
+37 to 39 ms per step against 44 to 48 ms for the generic forward at batch 1, and 52 to 68 ms against
+61 to 72 ms at batch 8 (the machine's speed varied between runs). On the AVX2 machine measured before,
+an earlier version of this module gained less than that machine's noise (docs/benchmarks).
 
 The logits are those of the generic forward to within float rounding, and the tests compare the two.
 """
@@ -62,9 +62,10 @@ class LlamaDecodeStep:
 
     def __init__(self, model: PreTrainedModel, join_projections: bool = False):
         """`join_projections` computes q, k and v as one packed product, and gate and up as another
-        (`snapkv.packed_linear.join_linears`). It needs oneDNN and an fp32 CPU model, and costs as much
-        memory again as those weights (about 280 MiB for SmolLM2-135M). The weight of the RMSNorm before
-        each joined product is folded into it, which changes the logits by float rounding only."""
+        (`snapkv.packed_linear.join_linears`). It needs oneDNN and an fp32 CPU model, and costs as
+        much memory again as those weights (266 MiB measured for SmolLM2-135M). The weight of the
+        RMSNorm before each joined product is folded into it, which changes the logits by float
+        rounding only."""
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"the Llama decode step does not support this model: {reason}")
@@ -98,7 +99,8 @@ class LlamaDecodeStep:
         decoder = self.model.model
         hidden = decoder.embed_tokens(tokens)  # [batch, hidden_size]
         cos, sin = decoder.rotary_emb(hidden, cache.position_ids())  # [batch, 1, head_dim]
-        # rotate_half(x) * sin of transformers is swap_halves(x) * sin with its first half negated.
+        # transformers' rotate_half(x) * sin equals x with its halves swapped, times sin with its
+        # first half negated.
         half = self.head_dim // 2
         signed_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
         mask = cache.attention_mask("sdpa", hidden.dtype)  # [batch, 1, 1, kv_len] or None
