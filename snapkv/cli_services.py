@@ -28,8 +28,9 @@ ROUTER_SERVICE = pb.DESCRIPTOR.services_by_name["Router"].full_name
 logger = logging.getLogger("snapkv_serve")
 
 LOOPBACK = "127.0.0.1"
-STARTUP_TIMEOUT_S = 600.0
-DECODE_SPINCOUNT = "10000"  # the first start converts the embedded model
+STARTUP_TIMEOUT_S = 600.0  # the first start converts the embedded model
+# Busy-wait spins of a decode worker's OpenMP threads before they sleep; see `LocalStack.start_one`.
+DECODE_SPINCOUNT = "10000"
 
 
 def _start_metrics(port: int | None, host: str) -> None:

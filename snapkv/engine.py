@@ -92,7 +92,8 @@ class Engine:
         if llama_decode is None:
             llama_decode = unsupported_reason(self.model) is None
         # With packed weights, the decode step also packs q/k/v and gate/up as one product each.
-        self._llama_step = LlamaDecodeStep(self.model, join_projections=pack_weights) if llama_decode else None
+        joined = self.packed_layers > 0
+        self._llama_step = LlamaDecodeStep(self.model, join_projections=joined) if llama_decode else None
         self.num_layers = config.num_hidden_layers
         self.max_context = getattr(config, "max_position_embeddings", None)
         eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
