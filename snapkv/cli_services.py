@@ -230,9 +230,9 @@ class LocalStack:
     def start_one(self, name: str, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
         """Start (or restart) one service on its port and wait until it is healthy."""
         argv = [sys.executable, "-m", "snapkv.cli", "--log-level", self.log_level, *self.commands[name]]
-        # Idle OpenMP threads sleep instead of spinning, so neighbouring services keep their cores. A
-        # decode step runs hundreds of short parallel regions, so decode threads busy-wait 10,000 spins
-        # first: an explicit GOMP_SPINCOUNT takes precedence over PASSIVE (see k8s/base/decode.yaml).
+        # Idle OpenMP threads sleep instead of spinning, so neighbouring services keep their cores.
+        # A decode step runs hundreds of short parallel regions, so decode threads busy-wait first.
+        # libgomp applies an explicit GOMP_SPINCOUNT over PASSIVE (as does k8s/base/decode.yaml).
         env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
         if name in self.decode_names:
             env["GOMP_SPINCOUNT"] = DECODE_SPINCOUNT

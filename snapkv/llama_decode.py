@@ -75,6 +75,9 @@ class LlamaDecodeStep:
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.layers = model.model.layers[: config.num_hidden_layers]
+        # Query heads then KV heads: the heads RoPE rotates, at the front of a q/k/v projection.
+        self.rotated_heads = self.num_heads + self.num_kv_heads
+        self.group_size = self.num_heads // self.num_kv_heads
         self.qkv_proj: list[nn.Module] | None = None
         self.gate_up_proj: list[nn.Module] | None = None
         if join_projections:
@@ -104,8 +107,6 @@ class LlamaDecodeStep:
         half = self.head_dim // 2
         signed_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
         mask = cache.attention_mask("sdpa", hidden.dtype)  # [batch, 1, 1, kv_len] or None
-        rotated_heads = self.num_heads + self.num_kv_heads
-        group = self.num_heads // self.num_kv_heads
 
         for index, (layer, cache_layer) in enumerate(zip(self.layers, cache.layers)):
             attention = layer.self_attn
@@ -113,15 +114,15 @@ class LlamaDecodeStep:
             # apply_rotary_pos_emb of transformers, on queries and keys together.
             swapped = heads.unflatten(-1, (2, half)).flip(-2).flatten(-2)
             heads = torch.addcmul(heads * cos, swapped, signed_sin)
-            # The query heads that share a KV head attend as that head's `group` queries: sdpa then
+            # The query heads that share a KV head attend as that head's `group_size` queries. sdpa then
             # reads each cached key and value once, and the row's mask applies to all of them.
-            queries = heads[:, : self.num_heads].reshape(batch, self.num_kv_heads, group, self.head_dim)
-            keys = heads[:, self.num_heads : rotated_heads].unsqueeze(2)
+            queries = heads[:, : self.num_heads].reshape(batch, self.num_kv_heads, self.group_size, self.head_dim)
+            keys = heads[:, self.num_heads : self.rotated_heads].unsqueeze(2)
 
             all_keys, all_values = cache_layer.update(keys, values)
             output = F.scaled_dot_product_attention(
                 queries, all_keys, all_values, attn_mask=mask, scale=attention.scaling
-            )  # [B, H_kv, group, D]
+            )  # [B, H_kv, group_size, D]
             hidden = hidden + attention.o_proj(output.reshape(batch, self.num_heads * self.head_dim))
 
             hidden = hidden + layer.mlp.down_proj(self._gate_up(index, layer, hidden))
@@ -141,9 +142,8 @@ class LlamaDecodeStep:
             values = attention.v_proj(states).view(batch, self.num_kv_heads, 1, self.head_dim)
             return torch.cat((queries, keys), dim=1), values
         states = _normalize(layer.input_layernorm, hidden)
-        projected = self.qkv_proj[index](states).view(batch, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
-        rotated_heads = self.num_heads + self.num_kv_heads
-        return projected[:, :rotated_heads], projected[:, rotated_heads:].unsqueeze(2)
+        projected = self.qkv_proj[index](states).view(batch, self.rotated_heads + self.num_kv_heads, self.head_dim)
+        return projected[:, : self.rotated_heads], projected[:, self.rotated_heads :].unsqueeze(2)
 
     def _gate_up(self, index: int, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """Return act(gate(x)) * up(x) for x the normalized `hidden`: the input of the down projection."""

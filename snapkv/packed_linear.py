@@ -74,7 +74,7 @@ def join_linears(linears: list[nn.Module], input_scale: torch.Tensor | None = No
     in_features = linears[0].in_features
     if any(linear.in_features != in_features for linear in linears):
         sizes = [linear.in_features for linear in linears]
-        raise ValueError(f"invalid layers to join: in_features differ ({sizes}); join only layers that read the same input")
+        raise ValueError(f"invalid layers to join: in_features differ ({sizes}). Join only layers that read the same input.")
     weight = torch.cat([linear.weight for linear in linears])
     if input_scale is not None:
         weight = weight * input_scale

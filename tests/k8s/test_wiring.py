@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 
+from snapkv.cli_services import DECODE_SPINCOUNT
 from snapkv.proto import serving_pb2
 from tests.k8s.manifests import (
     GRPC_PORTS, METRICS_PORT, PART_OF, REPO, SERVING_COMPONENTS, container_port, find, flag, of_kind, selects,
@@ -180,3 +181,9 @@ def test_ray_version_matches_pyproject(resources):
     [ray_version] = re.findall(r'"ray==([^"]+)"', (REPO / "pyproject.toml").read_text())
     cluster = find(resources, "RayCluster", "snapkv-prefill")
     assert cluster["spec"]["rayVersion"] == ray_version
+
+
+def test_decode_spin_count_matches_local_stack(resources):
+    # The decode Deployment and `snapkv-serve up` give decode the same OpenMP busy-wait.
+    environment = {variable["name"]: variable.get("value") for variable in serving_container(resources, "decode")["env"]}
+    assert environment["GOMP_SPINCOUNT"] == DECODE_SPINCOUNT
