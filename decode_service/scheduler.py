@@ -75,6 +75,9 @@ class DecodeScheduler:
         self._wake = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="decode-loop", daemon=True)
+        # Set once the loop takes sequences: after `warm_up_decode` when the engine compiles its step.
+        self.ready = threading.Event()
+        self.warm_up_error: BaseException | None = None
 
     @property
     def queue_depth(self) -> int:
@@ -108,6 +111,16 @@ class DecodeScheduler:
         if self.num_threads is not None:
             # The thread count is kept per thread by OpenMP, so this thread sets its own.
             torch.set_num_threads(self.num_threads)
+        if self.engine.compile_decode:
+            # In this thread: the compiler plans its parallel loops for the calling thread's thread count.
+            try:
+                self.engine.warm_up_decode(self.max_batch_size)
+            except Exception as error:  # serve() raises it and does not start the server
+                logger.error("decode step warm-up failed on model %s: %s", self.engine.name, error)
+                self.warm_up_error = error
+                self.ready.set()
+                return
+        self.ready.set()
         while True:
             with self._wake:
                 while not self._stopping and not self._pending and not self._active:

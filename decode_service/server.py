@@ -218,6 +218,10 @@ async def serve(
     health_server = None if health_address is None else bind_health_server(health_servicer, health_address)
 
     scheduler.start()
+    await asyncio.to_thread(scheduler.ready.wait)
+    error = scheduler.warm_up_error
+    if error is not None:
+        raise RuntimeError(f"decode worker could not compile its decode step: {error}") from error
     await server.start()
     if health_server is not None:
         await start_health_server(health_server, server)

@@ -110,6 +110,10 @@ def add_service_commands(commands) -> None:
     decode.add_argument("--max-batch-size", type=int, default=32, help="sequences decoded together at most")
     decode.add_argument("--threads", type=int, default=None, help="torch CPU threads of the decode loop (default: torch's choice)")
     decode.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when a GPU is visible")
+    decode.add_argument(
+        "--compile-decode", action="store_true",
+        help="compile the decode step with torch.compile before serving (minutes on a small CPU; faster steps)",
+    )
 
     prefill = service("prefill", "run a prefill server and its Ray actors", 50052)
     prefill.add_argument("--actors", type=int, default=1, help="number of Ray prefill actors")

@@ -59,7 +59,7 @@ def run_decode(args: argparse.Namespace) -> int:
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    engine = Engine(resolve_model(args.model, args.cache_dir, device))
+    engine = Engine(resolve_model(args.model, args.cache_dir, device), compile_decode=args.compile_decode)
     _start_metrics(args.metrics_port, args.host)
 
     async def main() -> None:

@@ -68,12 +68,21 @@ class TokenEvent:
 class Engine:
     """Prefill, SnapKV compression and batched decoding on one loaded model."""
 
-    def __init__(self, loaded: LoadedModel, pack_weights: bool | None = None, llama_decode: bool | None = None):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        pack_weights: bool | None = None,
+        llama_decode: bool | None = None,
+        compile_decode: bool = False,
+    ):
         """`pack_weights` None packs the linear layers' weights for oneDNN when the model is fp32 on a
         CPU and PyTorch has the operators (see `snapkv.packed_linear`); False keeps `nn.Linear`.
 
         `llama_decode` None decodes through `LlamaDecodeStep` for Llama, Mistral and Qwen2 models, and
         through the model's generic forward otherwise. False always takes the generic forward.
+
+        `compile_decode` compiles `LlamaDecodeStep` with torch.compile (see its `compile_step`). Call
+        `warm_up_decode` before serving, or the first steps of each kind wait for the compiler.
         """
         config = loaded.model.config
         if getattr(config, "sliding_window", None) is not None:
@@ -93,7 +102,16 @@ class Engine:
             llama_decode = unsupported_reason(self.model) is None
         # With packed weights, the decode step also packs q/k/v and gate/up as one product each.
         joined = self.packed_layers > 0
-        self._llama_step = LlamaDecodeStep(self.model, join_projections=joined) if llama_decode else None
+        if compile_decode and not llama_decode:
+            reason = unsupported_reason(self.model) or "llama_decode=False was given"
+            raise ValueError(
+                f"invalid compile_decode=True: it compiles the Llama decode step, which is off ({reason}). "
+                "Use a Llama, Mistral or Qwen2 model with llama_decode left at None, or compile_decode=False."
+            )
+        self._llama_step = (
+            LlamaDecodeStep(self.model, join_projections=joined, compile_step=compile_decode) if llama_decode else None
+        )
+        self.compile_decode = compile_decode
         self.num_layers = config.num_hidden_layers
         self.max_context = getattr(config, "max_position_embeddings", None)
         eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
@@ -174,6 +192,31 @@ class Engine:
         logits = self.forward_step(cache, tokens) if self._llama_step is None else self._llama_step(cache, tokens)
         cache.advance()
         return logits.float()
+
+    def warm_up_decode(self, batch_size: int = 8, kept_positions: int = 512) -> None:
+        """Run one decode step of each kind, so that a compiled step compiles them now and not while a
+        request waits. The kinds: one row, `batch_size` rows of one length, and rows of different lengths.
+
+        The compiler tunes its kernels for the sizes it sees first. Pass typical ones: the batch size
+        the worker runs at, and the positions a compressed prompt keeps.
+
+        NOTE: a step that writes the last position of its cache (`step_kv_len` equal to the capacity)
+        compiles once more. `decode` and the decode worker never get there: a sequence's first token
+        comes from prefill, so its cache keeps one of `max_tokens` positions free.
+        """
+        config = self.model.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+        def prompt(kept: int) -> PromptCache:
+            shape = (self.num_layers, config.num_key_value_heads, kept, head_dim)
+            keys = torch.zeros(shape, dtype=self.model.dtype, device=self.device)
+            return PromptCache(keys, keys.clone(), kept)
+
+        batch_size = max(2, batch_size)
+        kept = kept_positions
+        for kept_per_row in ([kept], [kept] * batch_size, [kept - row for row in range(batch_size)]):
+            cache = BatchCache([prompt(k) for k in kept_per_row], max_new_tokens=2)
+            self.decode_step(cache, torch.zeros(len(kept_per_row), dtype=torch.long))
 
     @torch.inference_mode()
     def forward_step(self, cache: BatchCache, tokens: torch.Tensor) -> torch.Tensor:

@@ -62,18 +62,13 @@ class BatchLayer(CacheLayerMixin):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Write one new position per sequence at its own length; return the valid span of all rows."""
-        batch, _, q_len, _ = key_states.shape
+        q_len = key_states.shape[2]
         if q_len != 1:
             raise ValueError(f"BatchCache takes one new token per sequence per step, got q_len={q_len}")
-
-        kv_len = self.cache.step_kv_len
-        if kv_len > self.keys.shape[2]:
-            raise RuntimeError(f"BatchCache capacity {self.keys.shape[2]} exhausted")
-
-        rows, lengths = self.cache.rows, self.cache.lengths
-        self.keys[rows, :, lengths] = key_states[:, :, 0]
-        self.values[rows, :, lengths] = value_states[:, :, 0]
-        return self.keys[:, :, :kv_len], self.values[:, :, :kv_len]
+        kv_len = self.cache.check_step()
+        return write_step(
+            self.keys, self.values, self.cache.rows, self.cache.lengths, key_states[:, :, 0], value_states[:, :, 0], kv_len
+        )
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.cache.step_kv_len, 0
@@ -136,6 +131,13 @@ class BatchCache(Cache):
     def capacity(self) -> int:
         return self.layers[0].keys.shape[2]
 
+    def check_step(self) -> int:
+        """Return `step_kv_len`; raise RuntimeError when the next step would not fit in the capacity."""
+        kv_len = self.step_kv_len
+        if kv_len > self.capacity:
+            raise RuntimeError(f"BatchCache capacity {self.capacity} exhausted")
+        return kv_len
+
     def position_ids(self) -> torch.Tensor:
         """Positions [batch, 1] of the tokens fed in the next step: original prompt length + decoded."""
         return self.positions.unsqueeze(1)
@@ -173,6 +175,23 @@ class BatchCache(Cache):
         self.positions = self.positions.index_select(0, index)
         self._max_length = int(self.lengths.max())
         self._min_length = int(self.lengths.min())
+
+
+def write_step(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    rows: torch.Tensor,
+    lengths: torch.Tensor,
+    new_keys: torch.Tensor,
+    new_values: torch.Tensor,
+    kv_len: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write one step into a layer's tensors [batch, num_kv_heads, capacity, head_dim]: row b's new key and
+    value [batch, num_kv_heads, head_dim] at position lengths[b]. Return the first `kv_len` positions of all rows.
+    """
+    keys[rows, :, lengths] = new_keys
+    values[rows, :, lengths] = new_values
+    return keys[:, :, :kv_len], values[:, :, :kv_len]
 
 
 def _fill_rows(prompts: list[PromptCache], capacity: int):

@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import PreTrainedModel
 
-from snapkv.kv_cache import BatchCache
+from snapkv.kv_cache import BatchCache, write_step
 from snapkv.packed_linear import join_linears
 
 # Families whose decoder layer is Llama's: pre-norm RMSNorm, RoPE on q and k, gated MLP. Qwen2 adds
@@ -60,12 +60,20 @@ def _rms_norm(norm: nn.Module, states: torch.Tensor) -> torch.Tensor:
 class LlamaDecodeStep:
     """One decode step of a Llama-architecture causal LM over a `BatchCache`; see the module docstring."""
 
-    def __init__(self, model: PreTrainedModel, join_projections: bool = False):
+    def __init__(self, model: PreTrainedModel, join_projections: bool = False, compile_step: bool = False):
         """`join_projections` computes q, k and v as one packed product, and gate and up as another
         (`snapkv.packed_linear.join_linears`). It needs oneDNN and an fp32 CPU model, and costs as
         much memory again as those weights (266 MiB measured for SmolLM2-135M). The weight of the
         RMSNorm before each joined product is folded into it, which changes the logits by float
-        rounding only."""
+        rounding only.
+
+        `compile_step` runs the step through `torch.compile` (inductor, which needs a C++ compiler on
+        CPUs): the operations between the linear layers and attention become a few generated kernels,
+        and Python runs once per step instead of once per operation. Each new kind of step compiles
+        once, on first use: one row, several rows of one length, and several rows of different
+        lengths (a mask); see `Engine.warm_up_decode`. Logits then differ from the eager step's by
+        float rounding (the generated kernels sum in another order).
+        """
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"the Llama decode step does not support this model: {reason}")
@@ -92,34 +100,61 @@ class LlamaDecodeStep:
                 join_linears([layer.mlp.gate_proj, layer.mlp.up_proj], input_scale=layer.post_attention_layernorm.weight)
                 for layer in self.layers
             ]
+        # Cache lengths and the batch size change every step or so: compile for any of them (dynamic).
+        self._forward = torch.compile(self._step, dynamic=True) if compile_step else self._step
 
     def __call__(self, cache: BatchCache, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row [batch] at its original position; return next-token logits [batch, vocab_size].
 
         Does not advance the cache: the caller does, as after the generic forward.
         """
+        kv_len = cache.check_step()
+        return self._forward(
+            tokens,
+            cache.position_ids(),
+            cache.rows,
+            cache.lengths,
+            kv_len,
+            cache.attention_mask("sdpa", self.model.dtype),  # [batch, 1, 1, kv_len] or None
+            [layer.keys for layer in cache.layers],
+            [layer.values for layer in cache.layers],
+        )
+
+    def _step(
+        self,
+        tokens: torch.Tensor,
+        position_ids: torch.Tensor,
+        rows: torch.Tensor,
+        lengths: torch.Tensor,
+        kv_len: int,
+        mask: torch.Tensor | None,
+        cached_keys: list[torch.Tensor],
+        cached_values: list[torch.Tensor],
+    ) -> torch.Tensor:
+        """The step on a `BatchCache`'s tensors: the function `compile` hands to torch.compile."""
         batch = tokens.shape[0]
         decoder = self.model.model
         hidden = decoder.embed_tokens(tokens)  # [batch, hidden_size]
-        cos, sin = decoder.rotary_emb(hidden, cache.position_ids())  # [batch, 1, head_dim]
+        cos, sin = decoder.rotary_emb(hidden, position_ids)  # [batch, 1, head_dim]
         # transformers' rotate_half(x) * sin equals x with its halves swapped, times sin with its
         # first half negated.
         half = self.head_dim // 2
         signed_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
-        mask = cache.attention_mask("sdpa", hidden.dtype)  # [batch, 1, 1, kv_len] or None
 
-        for index, (layer, cache_layer) in enumerate(zip(self.layers, cache.layers)):
+        for index, layer in enumerate(self.layers):
             attention = layer.self_attn
-            heads, values = self._project_qkv(index, layer, hidden)  # [B, H + H_kv, D], [B, H_kv, 1, D]
+            heads, values = self._project_qkv(index, layer, hidden)  # [B, H + H_kv, D], [B, H_kv, D]
             # apply_rotary_pos_emb of transformers, on queries and keys together.
             swapped = heads.unflatten(-1, (2, half)).flip(-2).flatten(-2)
             heads = torch.addcmul(heads * cos, swapped, signed_sin)
             # The query heads that share a KV head attend as that head's `group_size` queries. sdpa then
             # reads each cached key and value once, and the row's mask applies to all of them.
             queries = heads[:, : self.num_heads].reshape(batch, self.num_kv_heads, self.group_size, self.head_dim)
-            keys = heads[:, self.num_heads : self.rotated_heads].unsqueeze(2)
+            keys = heads[:, self.num_heads : self.rotated_heads]
 
-            all_keys, all_values = cache_layer.update(keys, values)
+            all_keys, all_values = write_step(
+                cached_keys[index], cached_values[index], rows, lengths, keys, values, kv_len
+            )
             output = F.scaled_dot_product_attention(
                 queries, all_keys, all_values, attn_mask=mask, scale=attention.scaling
             )  # [B, H_kv, group_size, D]
@@ -132,18 +167,18 @@ class LlamaDecodeStep:
 
     def _project_qkv(self, index: int, layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return the queries and keys before RoPE [batch, num_heads + num_kv_heads, head_dim] and the
-        values [batch, num_kv_heads, 1, head_dim] of one layer, from its input [batch, hidden_size]."""
+        values [batch, num_kv_heads, head_dim] of one layer, from its input [batch, hidden_size]."""
         batch = hidden.shape[0]
         attention = layer.self_attn
         if self.qkv_proj is None:
             states = _rms_norm(layer.input_layernorm, hidden)
             queries = attention.q_proj(states).view(batch, self.num_heads, self.head_dim)
             keys = attention.k_proj(states).view(batch, self.num_kv_heads, self.head_dim)
-            values = attention.v_proj(states).view(batch, self.num_kv_heads, 1, self.head_dim)
+            values = attention.v_proj(states).view(batch, self.num_kv_heads, self.head_dim)
             return torch.cat((queries, keys), dim=1), values
         states = _normalize(layer.input_layernorm, hidden)
         projected = self.qkv_proj[index](states).view(batch, self.rotated_heads + self.num_kv_heads, self.head_dim)
-        return projected[:, : self.rotated_heads], projected[:, self.rotated_heads :].unsqueeze(2)
+        return projected[:, : self.rotated_heads], projected[:, self.rotated_heads :]
 
     def _gate_up(self, index: int, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """Return act(gate(x)) * up(x) for x the normalized `hidden`: the input of the down projection."""

@@ -11,7 +11,9 @@ swaps every `nn.Linear` of a model for a `PackedLinear` that calls oneDNN's kern
 NOTE: `torch.ops.mkldnn._reorder_linear_weight` and `_linear_pointwise` are the operators PyTorch's
 own compiler emits for CPU linears. They are not a documented public API and may change with a
 PyTorch release, so `packed_linear_available` checks for them and the engine falls back to plain
-`nn.Linear` without them.
+`nn.Linear` without them. Inside `torch.compile`, the product goes through the custom operator
+`snapkv::packed_linear`, which the compiler calls as it is: inductor's own lowering of
+`_linear_pointwise` expects weights it packed itself, and failed on ours.
 """
 
 from __future__ import annotations
@@ -30,6 +32,17 @@ def packed_linear_available() -> bool:
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     )
+
+
+@torch.library.custom_op("snapkv::packed_linear", mutates_args=())
+def packed_linear(rows: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """rows [n, in_features] times a weight packed by `_reorder_linear_weight`, plus bias: [n, out_features]."""
+    return torch.ops.mkldnn._linear_pointwise(rows, packed_weight, bias, "none", [], "")
+
+
+@packed_linear.register_fake
+def _(rows: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    return rows.new_empty((rows.shape[0], out_features))
 
 
 class PackedLinear(nn.Module):
@@ -54,7 +67,10 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        out = torch.ops.mkldnn._linear_pointwise(rows, self.packed_weight, self.bias, "none", [], "")
+        if torch.compiler.is_compiling():
+            out = packed_linear(rows, self.packed_weight, self.bias, self.out_features)
+        else:  # the operator directly: the custom operator's dispatch costs microseconds a call
+            out = torch.ops.mkldnn._linear_pointwise(rows, self.packed_weight, self.bias, "none", [], "")
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

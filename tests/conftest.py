@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from snapkv.engine import Engine
 from snapkv.tiny_models import tiny_model
@@ -15,8 +16,17 @@ FAMILY_SHAPES = {
 }
 
 
-def tiny_engine(family: str = "llama", attn_implementation: str = "sdpa", seed: int = 0) -> Engine:
-    return Engine(tiny_model(family, seed=seed, attn_implementation=attn_implementation, **FAMILY_SHAPES[family]))
+def tiny_engine(family: str = "llama", attn_implementation: str = "sdpa", seed: int = 0, **engine_options) -> Engine:
+    return Engine(tiny_model(family, seed=seed, attn_implementation=attn_implementation, **FAMILY_SHAPES[family]), **engine_options)
+
+
+@pytest.fixture
+def fresh_compiler():
+    """torch.compile's caches start empty and end empty. A process serves one engine, but tests build
+    many, and torch.compile compiles one function for a bounded number of them."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
 
 
 @pytest.fixture(scope="session")

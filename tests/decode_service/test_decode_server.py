@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from prometheus_client import CollectorRegistry
+from torch._dynamo.utils import counters
 
 from decode_service.metrics import DecodeMetrics
 from decode_service.server import serve
@@ -68,41 +69,76 @@ async def stop(server, servicer, channel):
     servicer.close()
 
 
+def eight_requests():
+    return [
+        Request(str(seed), prompt(length, seed), SamplingParams(max_tokens=20), SMALL)
+        for length, seed in [(300, 1), (90, 6), (31, 7), (200, 8), (48, 9), (120, 10), (64, 11), (250, 12)]
+    ]
+
+
+async def stream_all(engine, requests, **options):
+    """Start a decode server with `options`, push every request's cache to it and stream them all at
+    once. Return each one's tokens, the first one included, after the server has freed their memory.
+
+    Steps after the server started must not compile anything. The decode thread's compilations count
+    in torch's global counters, because torch's configuration (error_on_recompile too) is per thread.
+    """
+    server, servicer, channel, stub = await start(engine, **options)
+
+    async def one(request):
+        result, header, chunks = encoded(engine, request)
+        loaded = await stub.LoadKV(load_kv_requests(header, chunks))
+        tokens = [result.first_token]
+        async for event in stub.Stream(pb.StreamRequest(handle=loaded.handle)):
+            tokens.extend(event.token_ids)
+        return tokens
+
+    try:
+        graphs = counters["stats"]["unique_graphs"]
+        outputs = await asyncio.gather(*(one(r) for r in requests))
+        assert counters["stats"]["unique_graphs"] == graphs
+        await wait_until(lambda: servicer.memory.reserved_bytes == 0)
+        return outputs
+    finally:
+        await stop(server, servicer, channel)
+
+
 def test_eight_concurrent_streams_batched(run):
     # Eight requests of different lengths stream at once; each gets exactly its in-process tokens,
     # and the batch-size histogram shows steps that advanced several sequences together.
     engine = tiny_engine()
-    requests = [
-        Request(str(seed), prompt(length, seed), SamplingParams(max_tokens=20), SMALL)
-        for length, seed in [(300, 1), (90, 6), (31, 7), (200, 8), (48, 9), (120, 10), (64, 11), (250, 12)]
-    ]
+    requests = eight_requests()
     expected = [[e.token_id for e in engine.generate([r])] for r in requests]
     registry = CollectorRegistry()
 
-    async def scenario():
-        server, servicer, channel, stub = await start(engine, metrics=DecodeMetrics("tiny", "test", registry))
-        try:
-            async def one(request):
-                result, header, chunks = encoded(engine, request)
-                loaded = await stub.LoadKV(load_kv_requests(header, chunks))
-                tokens = [result.first_token]
-                async for event in stub.Stream(pb.StreamRequest(handle=loaded.handle)):
-                    tokens.extend(event.token_ids)
-                return tokens
-
-            outputs = await asyncio.gather(*(one(r) for r in requests))
-            await wait_until(lambda: servicer.memory.reserved_bytes == 0)
-            return outputs
-        finally:
-            await stop(server, servicer, channel)
-
-    assert run(scenario()) == expected
+    assert run(stream_all(engine, requests, metrics=DecodeMetrics("tiny", "test", registry))) == expected
     labels = {"model": "tiny", "worker": "test"}
     steps = registry.get_sample_value("snapkv_decode_batch_size_count", labels)
     single = registry.get_sample_value("snapkv_decode_batch_size_bucket", {**labels, "le": "1.0"})
     assert steps > 0
     assert single < steps
     assert registry.get_sample_value("snapkv_decode_generated_tokens_total", labels) == sum(len(t) - 1 for t in expected)
+
+
+def test_compiled_worker_compiles_before_serving(run, fresh_compiler):
+    # Real compilation by inductor. serve() returns after the warm-up, so the streams below (batches of
+    # 1 to 8 rows of different lengths) must not compile again. Their tokens equal the eager engine's.
+    eager = tiny_engine()
+    requests = eight_requests()
+    expected = [[e.token_id for e in eager.generate([r])] for r in requests]
+    engine = tiny_engine(compile_decode=True)
+    assert run(stream_all(engine, requests, max_batch_size=8)) == expected
+
+
+def test_compile_failure_stops_startup(run, fresh_compiler, tmp_path, monkeypatch):
+    # No C++ compiler on PATH and an empty kernel cache: inductor cannot build the step's kernels (no
+    # mock involved). The environment, unlike torch's configuration, also reaches the decode thread.
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setenv("TORCHINDUCTOR_FX_GRAPH_CACHE", "0")
+    engine = tiny_engine(compile_decode=True)
+    with pytest.raises(RuntimeError, match="decode worker could not compile its decode step: .*No such file or directory: 'g\\+\\+'"):
+        run(serve(engine, max_batch_size=2))
 
 
 def test_cancel_frees_memory(run):

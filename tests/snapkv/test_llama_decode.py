@@ -87,3 +87,27 @@ def test_unsupported_family_rejected():
     with pytest.raises(ValueError, match="does not support this model"):
         LlamaDecodeStep(loaded.model)
     assert Engine(loaded).decode_path == "generic"
+
+
+@pytest.mark.parametrize("pack_weights", [True, False])
+def test_compiled_step_matches_without_recompiling(fresh_compiler, pack_weights):
+    # Real compilation by inductor (C++ kernels built with the machine's compiler) of a two-layer model.
+    engine = Engine(tiny_model("llama", **FAMILY_SHAPES["llama"]), pack_weights=pack_weights, compile_decode=True)
+    engine.warm_up_decode(batch_size=3, kept_positions=48)
+    # After the warm-up, no batch below may compile again: rows of one length, of different lengths
+    # (a mask), a single row, and lengths the warm-up never saw.
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for lengths, compression in [
+            ([70, 33, 120], CompressionConfig(window=8, budget=48, kernel=5)),
+            ([40, 40, 40], None),
+            ([90, 17], None),
+            ([64], None),
+        ]:
+            compiled, generic = both_paths_logits(engine, lengths, compression)
+            torch.testing.assert_close(compiled, generic, rtol=1e-4, atol=1e-4)
+            assert torch.equal(compiled.argmax(-1), generic.argmax(-1))
+
+
+def test_compile_needs_the_llama_step():
+    with pytest.raises(ValueError, match="invalid compile_decode=True: .*llama_decode=False"):
+        Engine(tiny_model("llama", **FAMILY_SHAPES["llama"]), llama_decode=False, compile_decode=True)
