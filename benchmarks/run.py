@@ -66,10 +66,12 @@ def write_report(folder: Path = RESULTS) -> Path:
             parts += [fragment.read_text().strip() if fragment.exists() else f"## {title}\n\n(quality.md missing)", ""]
         else:
             measured = f"{result.get('version', 'quick')} version, measured {result['machine']['date']}"
-            # Machines of the same name differ: one measured here had AVX2, a later one AVX-512.
+            # Sections can come from different machines, and machines of the same name differ: two
+            # "AMD EPYC" machines measured here had AVX2 and AVX-512.
+            measured += f" on {result['machine']['cpu']}"
             capability = result["machine"].get("cpu_capability")
             if capability:
-                measured += f" on a CPU with {capability}"
+                measured += f" with {capability}"
             parts += [f"## {title}", "", f"({measured})", "", MODULES[name].summarize(result), "",
                       f"![{title}]({name}.png)", ""]
     report = folder / "results.md"
