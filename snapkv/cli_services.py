@@ -30,7 +30,7 @@ logger = logging.getLogger("snapkv_serve")
 LOOPBACK = "127.0.0.1"
 STARTUP_TIMEOUT_S = 600.0  # the first start converts the embedded model
 # Busy-wait spins of a decode worker's OpenMP threads before they sleep; see `LocalStack.start_one`.
-DECODE_SPINCOUNT = "10000"
+DECODE_SPINCOUNT = "100000"
 
 
 def _start_metrics(port: int | None, host: str) -> None:
