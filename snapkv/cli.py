@@ -151,6 +151,10 @@ def add_service_commands(commands) -> None:
     up.add_argument(
         "--auth-token-file", type=Path, metavar="FILE", help="make the router require the bearer token stored in this file"
     )
+    up.add_argument(
+        "--compile-decode", action="store_true",
+        help="start the decode worker with --compile-decode (it compiles for a minute or more before serving)",
+    )
 
 
 def read_prompt(args: argparse.Namespace) -> str:

@@ -279,7 +279,8 @@ def run_up(args: argparse.Namespace) -> int:
 
     router_options = [] if args.auth_token_file is None else ["--auth-token-file", str(args.auth_token_file)]
     stack = LocalStack(
-        args.model, args.port, args.metrics_port, args.cache_dir, args.log_level, service_options={"router": router_options}
+        args.model, args.port, args.metrics_port, args.cache_dir, args.log_level,
+        decode_options=("--compile-decode",) if args.compile_decode else (), service_options={"router": router_options},
     )
     with stack:
         stack.start()

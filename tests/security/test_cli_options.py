@@ -122,22 +122,36 @@ def test_token_file_beats_variable(monkeypatch, tmp_path):
     assert args.auth_token == "from-file"
 
 
-def test_up_passes_token_file_to_router(tmp_path, monkeypatch):
+def up_stack(monkeypatch, options):
+    """Return the LocalStack that `up` builds with these options, stopped before any process starts."""
     from snapkv import cli_services
 
-    token_file = tmp_path / "token"
-    token_file.write_text("t")
     stacks = []
 
     class RecordingStack(cli_services.LocalStack):
         def start(self, timeout_s=0):
             stacks.append(self)
-            raise KeyboardInterrupt  # stop before any process starts
+            raise KeyboardInterrupt
 
     monkeypatch.setattr(cli_services, "LocalStack", RecordingStack)
     monkeypatch.setattr(cli_services.signal, "signal", lambda signum, handler: None)  # keep pytest's handlers
-    assert cli.main(["up", "--model", "tiny-llama", "--auth-token-file", str(token_file)]) == 130
+    assert cli.main(["up", "--model", "tiny-llama", *options]) == 130
     [stack] = stacks
+    return stack
+
+
+def test_up_passes_compile_flag_to_decode(monkeypatch):
+    plain = up_stack(monkeypatch, [])
+    compiled = up_stack(monkeypatch, ["--compile-decode"])
+    assert "--compile-decode" not in plain.commands["decode"]
+    assert "--compile-decode" in compiled.commands["decode"]
+    assert "--compile-decode" not in compiled.commands["prefill"] + compiled.commands["router"]
+
+
+def test_up_passes_token_file_to_router(tmp_path, monkeypatch):
+    token_file = tmp_path / "token"
+    token_file.write_text("t")
+    stack = up_stack(monkeypatch, ["--auth-token-file", str(token_file)])
     router = stack.commands["router"]
     assert router[router.index("--auth-token-file") + 1] == str(token_file)
     assert "--auth-token-file" not in stack.commands["decode"] + stack.commands["prefill"]
