@@ -207,6 +207,13 @@ async def serve(
     metrics.kv_resident_bytes.set_function(lambda: memory.reserved_bytes)
     metrics.kv_budget_bytes.set(kv_budget_bytes)
 
+    # A compiling engine warms up first, so a failure leaves no port bound and no thread running.
+    scheduler.start()
+    await asyncio.to_thread(scheduler.ready.wait)
+    error = scheduler.warm_up_error
+    if error is not None:
+        raise RuntimeError(f"decode worker could not compile its decode step: {error}") from error
+
     server = grpc.aio.server(
         interceptors=[MalformedRequestInterceptor()],
         options=message_size_options(MAX_LOAD_KV_MESSAGE_BYTES, MAX_REPLY_BYTES),
@@ -217,11 +224,6 @@ async def serve(
     health_servicer = await add_health_and_reflection(server, [SERVICE_NAME])
     health_server = None if health_address is None else bind_health_server(health_servicer, health_address)
 
-    scheduler.start()
-    await asyncio.to_thread(scheduler.ready.wait)
-    error = scheduler.warm_up_error
-    if error is not None:
-        raise RuntimeError(f"decode worker could not compile its decode step: {error}") from error
     await server.start()
     if health_server is not None:
         await start_health_server(health_server, server)

@@ -137,7 +137,8 @@ def test_compile_failure_stops_startup(run, fresh_compiler, tmp_path, monkeypatc
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     monkeypatch.setenv("TORCHINDUCTOR_FX_GRAPH_CACHE", "0")
     engine = tiny_engine(compile_decode=True)
-    with pytest.raises(RuntimeError, match="decode worker could not compile its decode step: .*No such file or directory: 'g\\+\\+'"):
+    # Inductor reports either that no compiler was found, or the failed call, depending on which step fails.
+    with pytest.raises(RuntimeError, match="decode worker could not compile its decode step: .*(C\\+\\+ compiler|'g\\+\\+')"):
         run(serve(engine, max_batch_size=2))
 
 
