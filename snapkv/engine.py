@@ -213,8 +213,8 @@ class Engine:
             return PromptCache(keys, keys.clone(), kept)
 
         batch_size = max(2, batch_size)
-        kept = kept_positions
-        for kept_per_row in ([kept], [kept] * batch_size, [kept - row for row in range(batch_size)]):
+        kept = max(2, kept_positions)
+        for kept_per_row in ([kept], [kept] * batch_size, [kept - row % 2 for row in range(batch_size)]):
             cache = BatchCache([prompt(k) for k in kept_per_row], max_new_tokens=2)
             self.decode_step(cache, torch.zeros(len(kept_per_row), dtype=torch.long))
 
