@@ -111,15 +111,20 @@ async def serve(
     config = PrefillConfig(num_actors=num_actors, cpus_per_actor=cpus_per_actor, **settings)
     metrics = metrics or PrefillMetrics(model_spec, address, CollectorRegistry())
 
+    server = grpc.aio.server(
+        interceptors=[MalformedRequestInterceptor()],
+        options=message_size_options(MAX_PREFILL_REQUEST_BYTES, MAX_REPLY_BYTES),
+    )
+    # Bound before Ray starts and the actors load, which takes seconds: in the test suite, a port chosen
+    # for this server was taken in that time (Ray's own processes bind free ports). Serving starts later.
+    # NOTE: if starting fails, the port stays bound until this process exits: grpc.aio releases the
+    # port of a server that never started only then (checked with grpcio 1.85; stop() does not).
+    port = add_port(server, address, tls)
     owns_ray = _connect_ray(ray_address, config.num_actors * config.cpus_per_actor)
     num_gpus = config.gpus_per_actor
     if num_gpus is None:
         num_gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     pool = ActorPool(model_spec, config, num_gpus, metrics)
-    server = grpc.aio.server(
-        interceptors=[MalformedRequestInterceptor()],
-        options=message_size_options(MAX_PREFILL_REQUEST_BYTES, MAX_REPLY_BYTES),
-    )
 
     async def shutdown_actors() -> None:
         await pool.close()
@@ -129,7 +134,6 @@ async def serve(
     try:
         await pool.start()
         pb_grpc.add_PrefillServicer_to_server(PrefillServicer(pool, metrics), server)
-        port = add_port(server, address, tls)
         # Handlers must be registered before the server starts; every actor has loaded by now, so SERVING is true.
         health = await add_health_and_reflection(server, [SERVICE_NAME])
         health_server = None if health_address is None else bind_health_server(health, health_address)
