@@ -32,6 +32,7 @@ import torch
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
 from benchmarks.common import markdown_table, progress, write_json
+from snapkv.config import head_dim
 from snapkv.engine import Engine
 from snapkv.kv_cache import BatchCache, PromptCache
 from snapkv.model import load_model
@@ -47,8 +48,7 @@ FULL = dict(lengths=[1024, 2048, 4096, 8192], batches=[1, 4, 8], budget=512, thr
 
 def model_shape(engine: Engine) -> tuple[int, int, int]:
     config = engine.model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return config.num_hidden_layers, config.num_key_value_heads, head_dim
+    return config.num_hidden_layers, config.num_key_value_heads, head_dim(config)
 
 
 def random_prompt(engine: Engine, kept: int, prompt_length: int, seed: int) -> PromptCache:
@@ -164,7 +164,7 @@ def run(lengths: list[int], batches: list[int], budget: int, throughput_length: 
     generic = Engine(loaded, llama_decode=False)
     # transformers runs its own copy of the model: the engine packs its linear layers' weights.
     plain_model = load_model().model
-    # The compiled engine joins the products of its own copy too.
+    # The compiled engine gets its own copy: an engine on the copy above would find its layers packed and join none.
     compiled = Engine(load_model(), compile_decode=True)
     progress("decode: compiling the decode step (a few minutes on a 2-core CPU) ...")
     start = time.perf_counter()

@@ -16,7 +16,7 @@ import argparse
 import torch
 
 from benchmarks.common import document_ids, markdown_table, progress, write_json
-from snapkv.config import CompressionConfig, SamplingParams
+from snapkv.config import CompressionConfig, SamplingParams, head_dim
 from snapkv.kv_cache import PromptCache
 from snapkv.messages import model_fingerprint
 from snapkv.model import load_model
@@ -40,20 +40,20 @@ def run(lengths: list[int], budgets: list[int]) -> dict:
     loaded = load_model()
     config = loaded.model.config
     num_layers, num_kv_heads = config.num_hidden_layers, config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_size = head_dim(config)
     fingerprint = model_fingerprint(loaded.model)
     rows = []
     for length in lengths:
         prompt_ids = document_ids(loaded.tokenizer, length)
-        raw_fp16 = 2 * num_layers * num_kv_heads * length * head_dim * 2
+        raw_fp16 = 2 * num_layers * num_kv_heads * length * head_size * 2
         for budget in budgets:
             if budget >= length:
                 continue
-            shape = (num_layers, num_kv_heads, budget, head_dim)
+            shape = (num_layers, num_kv_heads, budget, head_size)
             cache = PromptCache(torch.zeros(shape), torch.zeros(shape), length)
             for name, wire_dtype in WIRE_DTYPES.items():
                 sent = stream_bytes(cache, prompt_ids, fingerprint, wire_dtype, budget)
-                tensors = 2 * num_layers * num_kv_heads * budget * head_dim * (2 if name == "fp16" else 1)
+                tensors = 2 * num_layers * num_kv_heads * budget * head_size * (2 if name == "fp16" else 1)
                 rows.append({
                     "prompt_tokens": length, "budget": budget, "wire_dtype": name, "raw_fp16_bytes": raw_fp16,
                     "sent_bytes": sent, "kv_tensor_bytes": tensors, "reduction": raw_fp16 / sent,

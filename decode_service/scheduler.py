@@ -112,7 +112,8 @@ class DecodeScheduler:
             # The thread count is kept per thread by OpenMP, so this thread sets its own.
             torch.set_num_threads(self.num_threads)
         if self.engine.compile_decode:
-            # In this thread: the compiler plans its parallel loops for the calling thread's thread count.
+            # Compile in this thread, because the compiler plans its parallel loops for the calling
+            # thread's thread count.
             try:
                 self.engine.warm_up_decode(self.max_batch_size)
             except Exception as error:  # serve() raises it and does not start the server

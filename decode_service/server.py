@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry
 from decode_service.metrics import DecodeMetrics
 from decode_service.scheduler import DecodeJob, DecodeScheduler, StepEvent
 from decode_service.worker import KVMemory, LoadedCaches
+from snapkv.config import head_dim
 from snapkv.engine import Engine
 from snapkv.messages import model_fingerprint
 from snapkv.proto import serving_pb2 as pb
@@ -41,9 +42,8 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Decode"].full_name
 def kv_bytes_per_token(engine: Engine) -> int:
     """Bytes one position takes in every layer's keys and values, in the model's dtype."""
     config = engine.model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     element_size = torch.empty((), dtype=engine.model.dtype).element_size()
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * element_size
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim(config) * element_size
 
 
 class DecodeServicer(pb_grpc.DecodeServicer):

@@ -124,3 +124,8 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def head_dim(model_config) -> int:
+    """Return the size of one attention head for a transformers model config."""
+    return getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads

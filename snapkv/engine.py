@@ -14,14 +14,13 @@ longest prompt is bounded by the memory of one full forward pass.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
 from snapkv import attention
-from snapkv.config import CompressionConfig, SamplingParams
+from snapkv.config import CompressionConfig, SamplingParams, head_dim
 from snapkv.kv_cache import BatchCache, PromptCache
 from snapkv.llama_decode import LlamaDecodeStep, unsupported_reason
 from snapkv.model import LoadedModel
@@ -197,24 +196,27 @@ class Engine:
         """Run one decode step of each kind, so that a compiled step compiles them now and not while a
         request waits. The kinds: one row, `batch_size` rows of one length, and rows of different lengths.
 
-        The compiler tunes its kernels for the sizes it sees first. Pass typical ones: the batch size
-        the worker runs at, and the positions a compressed prompt keeps.
+        The compiler tunes its kernels for the first sizes it compiles for. Pass typical ones: the
+        batch size the worker runs at, and the positions a compressed prompt keeps.
 
         NOTE: a step that writes the last position of its cache (`step_kv_len` equal to the capacity)
         compiles once more. `decode` and the decode worker never get there: a sequence's first token
         comes from prefill, so its cache keeps one of `max_tokens` positions free.
         """
         config = self.model.config
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
-        def prompt(kept: int) -> PromptCache:
-            shape = (self.num_layers, config.num_key_value_heads, kept, head_dim)
+        def prompt(kept_length: int) -> PromptCache:
+            shape = (self.num_layers, config.num_key_value_heads, kept_length, head_dim(config))
             keys = torch.zeros(shape, dtype=self.model.dtype, device=self.device)
-            return PromptCache(keys, keys.clone(), kept)
+            return PromptCache(keys, keys.clone(), kept_length)
 
         batch_size = max(2, batch_size)
-        kept = max(2, kept_positions)
-        for kept_per_row in ([kept], [kept] * batch_size, [kept - row % 2 for row in range(batch_size)]):
+        kept_positions = max(2, kept_positions)
+        for kept_per_row in (
+            [kept_positions],
+            [kept_positions] * batch_size,
+            [kept_positions - row % 2 for row in range(batch_size)],
+        ):
             cache = BatchCache([prompt(k) for k in kept_per_row], max_new_tokens=2)
             self.decode_step(cache, torch.zeros(len(kept_per_row), dtype=torch.long))
 

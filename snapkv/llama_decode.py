@@ -31,6 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import PreTrainedModel
 
+from snapkv.config import head_dim
 from snapkv.kv_cache import BatchCache, write_step
 from snapkv.packed_linear import join_linears
 
@@ -85,7 +86,7 @@ class LlamaDecodeStep:
         self.model = model
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.head_dim = head_dim(config)
         self.layers = model.model.layers[: config.num_hidden_layers]
         # Query heads then KV heads: the heads RoPE rotates, at the front of a q/k/v projection.
         self.rotated_heads = self.num_heads + self.num_kv_heads
@@ -104,7 +105,8 @@ class LlamaDecodeStep:
                 join_linears([layer.mlp.gate_proj, layer.mlp.up_proj], input_scale=layer.post_attention_layernorm.weight)
                 for layer in self.layers
             ]
-        # Cache lengths and the batch size change every step or so: compile for any of them (dynamic).
+        # Compile for any cache length and batch size (dynamic shapes): both change as sequences
+        # decode, join and leave.
         self._forward = torch.compile(self._step, dynamic=True) if compile_step else self._step
 
     def __call__(self, cache: BatchCache, tokens: torch.Tensor) -> torch.Tensor:

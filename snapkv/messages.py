@@ -10,7 +10,7 @@ import dataclasses
 import json
 from typing import TYPE_CHECKING
 
-from snapkv.config import CompressionConfig, SamplingParams
+from snapkv.config import CompressionConfig, SamplingParams, head_dim
 from snapkv.proto import serving_pb2 as pb
 
 if TYPE_CHECKING:  # the router uses this module without loading transformers and torch
@@ -97,13 +97,12 @@ def model_fingerprint(model: PreTrainedModel) -> pb.ModelFingerprint:
     """Describe the parts of a model that decide whether a KV cache made elsewhere fits it."""
     config = model.config
     num_heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
     rope = {name: getattr(config, name) for name in ROPE_ATTRIBUTES if getattr(config, name, None) is not None}
     return pb.ModelFingerprint(
         architecture=type(model).__name__,
         num_layers=config.num_hidden_layers,
         num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
-        head_dim=head_dim,
+        head_dim=head_dim(config),
         rope=json.dumps(rope, sort_keys=True, separators=(",", ":"), default=str),
         weights_dtype=str(model.dtype).removeprefix("torch."),
         vocab_size=config.vocab_size,
