@@ -7,6 +7,7 @@ checkpoints of each family: GQA, RoPE, attention biases (Qwen2), and both attent
 from __future__ import annotations
 
 import torch
+from torch import nn
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     LlamaConfig,
@@ -71,4 +72,8 @@ def tiny_model(family: str = "llama", seed: int = 0, attn_implementation: str = 
     config._attn_implementation = attn_implementation
     model = classes[family](config).eval()
     model.requires_grad_(False)
+    # transformers starts linear biases (Qwen2's q, k and v) at zero; random ones make a dropped bias show.
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            module.bias.normal_(std=0.5)
     return LoadedModel(model=model, tokenizer=byte_tokenizer(), name=f"tiny-{family}")
