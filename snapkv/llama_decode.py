@@ -20,7 +20,7 @@ Speed, SmolLM2-135M, 512 cached positions, three full decode benchmark runs on a
 37 to 39 ms per step against 44 to 48 ms for the generic forward at batch 1, and 52 to 68 ms against
 61 to 72 ms at batch 8 (the machine's speed varied between runs). On the AVX2 machine measured before,
 an earlier version of this module gained less than that machine's noise. On an Intel AVX-512
-machine, compiled against eager: 32.4 against 38.1 ms at batch 1, and 51.8 against 59.0 ms at batch
+machine, compiled against eager: 28.0 against 41.3 ms at batch 1, and 54.5 against 64.6 ms at batch
 8 (docs/benchmarks).
 
 The logits are those of the generic forward to within float rounding, and the tests compare the two.
