@@ -56,7 +56,7 @@ $(KVPRESS_STAMP): Makefile
 bench: $(BENCH_STAMP) $(KVPRESS_STAMP)
 	$(BIN)/python -m benchmarks.run
 
-# Every length, batch and case: about an hour on a 2-core CPU.
+# Every length, batch and case: more than an hour on a 2-core CPU (not timed as one run).
 bench-full: $(BENCH_STAMP) $(KVPRESS_STAMP)
 	$(BIN)/python -m benchmarks.run --full
 

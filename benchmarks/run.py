@@ -1,7 +1,7 @@
 """Run the benchmarks and write JSON, PNG plots and `results.md` into docs/benchmarks/.
 
     .venv/bin/python -m benchmarks.run            # quick version, a few minutes (`make bench`)
-    .venv/bin/python -m benchmarks.run --full     # every length, batch and case (about an hour here)
+    .venv/bin/python -m benchmarks.run --full     # every length, batch and case (more than an hour here)
     .venv/bin/python -m benchmarks.run --only wire decode
 
 Each section can also run on its own (`python -m benchmarks.decode --help`). `results.md` is rebuilt
@@ -58,9 +58,10 @@ def write_report(folder: Path = RESULTS) -> Path:
         result = json.loads(path.read_text())
         if not machine_written:
             m = result["machine"]
-            parts += [f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, GPU: {m['gpu'] or 'none'}; "
-                      f"Python {m['python']}, PyTorch {m['torch']} ({m['torch_threads']} threads), transformers "
-                      f"{m['transformers']}; measured {m['date']}.", ""]
+            parts += [f"Machine of the first section ({title}): {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, "
+                      f"GPU: {m['gpu'] or 'none'}; Python {m['python']}, PyTorch {m['torch']} ({m['torch_threads']} "
+                      f"threads), transformers {m['transformers']}; measured {m['date']}. Each section below names "
+                      "the machine that measured it.", ""]
             machine_written = True
         if name == "quality":  # quality.md brings its own heading
             fragment = folder / "quality.md"

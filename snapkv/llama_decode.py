@@ -13,8 +13,9 @@ their weights are shared, not copied) with less of that work:
   of the RMSNorm before it folded in;
 - with `compile_step`, torch.compile turns the step into one graph of generated kernels and library
   calls, compiled once for each kind of step. On one row, the linear layers other than the
-  vocabulary projection become generated kernels too, because they read the plain weights faster
-  than oneDNN's packed products did.
+  vocabulary projection become generated kernels too, because on an Intel AVX-512 machine they read
+  the plain weights faster than oneDNN's packed products did. NOTE: on an AMD AVX-512 machine the
+  packed products were the faster ones at one row, so this path may be slower there (not measured).
 
 Speed, SmolLM2-135M, 512 cached positions, three full decode benchmark runs on an AMD AVX-512 machine:
 37 to 39 ms per step against 44 to 48 ms for the generic forward at batch 1, and 52 to 68 ms against
@@ -65,8 +66,12 @@ def _rms_norm(norm: nn.Module, states: torch.Tensor) -> torch.Tensor:
 
 
 def _linear(linear: nn.Module, states: torch.Tensor, generated: bool) -> torch.Tensor:
-    """Apply a linear layer to `states` [rows, in_features]; with `generated`, as products and a sum
-    written out, which the compiler turns into a kernel of its own that reads the plain weight once."""
+    """Apply a linear layer to `states` [rows, in_features].
+
+    With `generated` (only while torch.compile traces), compute it as an elementwise product with
+    the plain `linear.weight` and a sum, which the compiler turns into a kernel of its own. Joined
+    layers keep no plain weight (their `weight` is None), so they never take this path.
+    """
     if not generated:
         return linear(states)
     product = (states.unsqueeze(-2) * linear.weight).sum(-1)
@@ -87,7 +92,8 @@ class LlamaDecodeStep:
         CPUs): the operations between the linear layers and attention become a few generated kernels,
         and Python runs once per step instead of once per operation. Each new kind of step compiles
         once, on first use: one row, several rows of one length, and several rows of different
-        lengths (a mask); see `Engine.warm_up_decode`. Logits then differ from the eager step's by
+        lengths (a mask); see `Engine.warm_up_decode` (a step that writes the last position of its
+        cache compiles once more). Logits then differ from the eager step's by
         float rounding (the generated kernels sum in another order).
         """
         reason = unsupported_reason(model)
@@ -150,8 +156,9 @@ class LlamaDecodeStep:
     ) -> torch.Tensor:
         """Run the step on a `BatchCache`'s tensors; with `compile_step`, torch.compile compiles this function."""
         batch = tokens.shape[0]
-        # One row, compiled: the linear layers become generated kernels. On the Intel AVX-512 machine
-        # they read the plain weights at about 30 GB/s, where oneDNN's packed products reached 22 GB/s
+        # One row, compiled: every linear layer but the vocabulary projection becomes a generated
+        # kernel over its own plain weight (not the joined ones). On the Intel AVX-512 machine these
+        # kernels read the weights at about 30 GB/s, where oneDNN's packed products reached 22 GB/s
         # (all products of SmolLM2-135M: 17.3 against 24.7 ms). At 8 rows the packed products were
         # faster (29.8 against 31.8 ms). The compiler specializes a batch of one row, so each graph
         # takes one path.
