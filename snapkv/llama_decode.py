@@ -12,7 +12,7 @@ their weights are shared, not copied) with less of that work:
 - with `join_projections`, q, k and v are one product and gate and up another, each with the weight
   of the RMSNorm before it folded in;
 - with `compile_step`, torch.compile turns the step into one graph of generated kernels and library
-  calls, compiled once for each kind of step. On one row, the linear layers other than the
+  calls, compiled once for each kind of step. On one row on a CPU, the linear layers other than the
   vocabulary projection become generated kernels too, because on an Intel AVX-512 machine they read
   the plain weights faster than oneDNN's packed products did. NOTE: on an AMD AVX-512 machine the
   packed products were the faster ones at one row, so this path may be slower there (not measured).
@@ -161,8 +161,8 @@ class LlamaDecodeStep:
         # kernels read the weights at about 30 GB/s, where oneDNN's packed products reached 22 GB/s
         # (all products of SmolLM2-135M: 17.3 against 24.7 ms). At 8 rows the packed products were
         # faster (29.8 against 31.8 ms). The compiler specializes a batch of one row, so each graph
-        # takes one path.
-        generated = batch == 1 and torch.compiler.is_compiling()
+        # takes one path. GPUs keep their library products: this was measured on CPUs only.
+        generated = batch == 1 and tokens.device.type == "cpu" and torch.compiler.is_compiling()
         decoder = self.model.model
         hidden = decoder.embed_tokens(tokens)  # [batch, hidden_size]
         cos, sin = decoder.rotary_emb(hidden, position_ids)  # [batch, 1, head_dim]
