@@ -156,12 +156,9 @@ class LlamaDecodeStep:
     ) -> torch.Tensor:
         """Run the step on a `BatchCache`'s tensors; with `compile_step`, torch.compile compiles this function."""
         batch = tokens.shape[0]
-        # One row, compiled: every linear layer but the vocabulary projection becomes a generated
-        # kernel over its own plain weight (not the joined ones). On the Intel AVX-512 machine these
-        # kernels read the weights at about 30 GB/s, where oneDNN's packed products reached 22 GB/s
-        # (all products of SmolLM2-135M: 17.3 against 24.7 ms). At 8 rows the packed products were
-        # faster (29.8 against 31.8 ms). The compiler specializes a batch of one row, so each graph
-        # takes one path. GPUs keep their library products: this was measured on CPUs only.
+        # One row on a CPU, compiled: linear layers other than the vocabulary projection become generated
+        # kernels over their plain weights (all products: 17.3 against 24.7 ms packed on an Intel AVX-512
+        # machine, and packed was faster at 8 rows). The compiler specializes one row, so a graph takes one path.
         generated = batch == 1 and tokens.device.type == "cpu" and torch.compiler.is_compiling()
         decoder = self.model.model
         hidden = decoder.embed_tokens(tokens)  # [batch, hidden_size]
