@@ -30,7 +30,7 @@ from snapkv.proto import serving_pb2_grpc as pb_grpc
 from snapkv.sampling import make_generator
 from snapkv.sequence import SequenceState
 from snapkv.serving import MalformedRequestInterceptor, add_health_and_reflection, bind_health_server, start_health_server
-from snapkv.transport import MAX_LOAD_KV_MESSAGE_BYTES, MAX_REPLY_BYTES, ServerTLS, add_port, message_size_options
+from snapkv.transport import MAX_LOAD_KV_MESSAGE_BYTES, MAX_REPLY_BYTES, ServerTLS, add_port, server_options
 from snapkv.wire import KVAssembler, MalformedKVError, WireError
 
 logger = logging.getLogger(__name__)
@@ -216,7 +216,7 @@ async def serve(
 
     server = grpc.aio.server(
         interceptors=[MalformedRequestInterceptor()],
-        options=message_size_options(MAX_LOAD_KV_MESSAGE_BYTES, MAX_REPLY_BYTES),
+        options=server_options(MAX_LOAD_KV_MESSAGE_BYTES, MAX_REPLY_BYTES),
     )
     pb_grpc.add_DecodeServicer_to_server(servicer, server)
     port = add_port(server, address, tls)

@@ -28,7 +28,7 @@ from snapkv.model import DEFAULT_MODEL
 from snapkv.proto import serving_pb2 as pb
 from snapkv.proto import serving_pb2_grpc as pb_grpc
 from snapkv.serving import MalformedRequestInterceptor, add_health_and_reflection, bind_health_server, start_health_server
-from snapkv.transport import MAX_PREFILL_REQUEST_BYTES, MAX_REPLY_BYTES, ServerTLS, add_port, message_size_options
+from snapkv.transport import MAX_PREFILL_REQUEST_BYTES, MAX_REPLY_BYTES, ServerTLS, add_port, server_options
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ async def serve(
 
     server = grpc.aio.server(
         interceptors=[MalformedRequestInterceptor()],
-        options=message_size_options(MAX_PREFILL_REQUEST_BYTES, MAX_REPLY_BYTES),
+        options=server_options(MAX_PREFILL_REQUEST_BYTES, MAX_REPLY_BYTES),
     )
     # Bound before Ray starts and the actors load, which takes seconds: in the test suite, a port chosen
     # for this server was taken in that time (Ray's own processes bind free ports). Serving starts later.

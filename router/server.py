@@ -45,7 +45,7 @@ from snapkv.transport import (
     ServerTLS,
     add_port,
     is_loopback_address,
-    message_size_options,
+    server_options,
 )
 
 logger = logging.getLogger(__name__)
@@ -340,7 +340,7 @@ async def serve(
     interceptors = [] if auth_token is None else [BearerTokenInterceptor(auth_token)]
     server = grpc.aio.server(
         interceptors=[*interceptors, MalformedRequestInterceptor()],
-        options=message_size_options(MAX_GENERATE_REQUEST_BYTES, MAX_REPLY_BYTES),
+        options=server_options(MAX_GENERATE_REQUEST_BYTES, MAX_REPLY_BYTES),
     )
     pb_grpc.add_RouterServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

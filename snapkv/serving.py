@@ -15,6 +15,8 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from snapkv.transport import EXCLUSIVE_PORT_OPTION
+
 logger = logging.getLogger(__name__)
 
 # Tasks that stop health-only servers when their main server stops, referenced until done.
@@ -38,7 +40,7 @@ def bind_health_server(health_servicer: health.aio.HealthServicer, address: str)
     The statuses are the main server's own, and no other service is registered. Raises OSError when
     the address cannot be bound; bind before starting anything else, so that nothing is left running.
     """
-    health_server = grpc.aio.server()
+    health_server = grpc.aio.server(options=[EXCLUSIVE_PORT_OPTION])
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
     try:
         port = health_server.add_insecure_port(address)

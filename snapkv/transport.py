@@ -45,6 +45,17 @@ def message_size_options(max_receive_bytes: int, max_send_bytes: int) -> Channel
     ]
 
 
+# gRPC servers bind with SO_REUSEPORT by default: a second server on a port that is already served
+# binds as well, and the kernel splits new connections between the two. This project's servers take
+# their port alone, so a port in use is a failed bind.
+EXCLUSIVE_PORT_OPTION = ("grpc.so_reuseport", 0)
+
+
+def server_options(max_receive_bytes: int, max_send_bytes: int) -> ChannelOptions:
+    """Return the options of this project's gRPC servers: message size limits, and a port of their own."""
+    return [*message_size_options(max_receive_bytes, max_send_bytes), EXCLUSIVE_PORT_OPTION]
+
+
 def read_pem(path: Path, description: str) -> bytes:
     """Read a PEM file; raise OSError or ValueError naming `description` and the path when it is unusable."""
     try:
@@ -122,7 +133,10 @@ class ChannelTLS:
 def add_port(server: grpc.aio.Server | grpc.Server, address: str, tls: ServerTLS | None) -> int:
     """Bind `server` to `address`, with TLS when `tls` is set; return the port, or raise OSError."""
     if tls is None:
-        port = server.add_insecure_port(address)
+        try:
+            port = server.add_insecure_port(address)
+        except RuntimeError as error:  # how recent grpcio reports a failed bind
+            raise OSError(f"could not bind {address}: {error}. Another process may be using the port: choose a free one") from error
     else:
         credentials = tls.credentials()
         try:

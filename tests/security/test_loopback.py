@@ -1,12 +1,18 @@
 """`snapkv-serve up` keeps every service on loopback: each child gets `--host 127.0.0.1`, and every
 socket that the services and their Ray processes listen on is bound to a loopback address."""
 
+import asyncio
 import ipaddress
 
+import grpc
 import psutil
+import pytest
+from grpc_health.v1 import health
 
 from snapkv.cli import build_parser
 from snapkv.cli_services import LOOPBACK, LocalStack
+from snapkv.serving import bind_health_server
+from snapkv.transport import add_port, server_options
 
 SERVICES = ("decode", "prefill", "router")
 
@@ -57,6 +63,20 @@ def test_running_stack_listens_on_loopback_only(stack):
         assert stack.ports[name] in ports, f"{name} is not listening on its port"
     exposed = [(name, address) for name, address in listening if not is_loopback(address.ip)]
     assert exposed == []
+
+
+def test_taken_port_fails_to_bind(stack):
+    # gRPC's default SO_REUSEPORT would let this server share the running decode worker's port.
+    address = f"{LOOPBACK}:{stack.ports['decode']}"
+
+    async def bind_both() -> None:
+        server = grpc.aio.server(options=server_options(1024, 1024))
+        with pytest.raises(OSError, match="could not bind"):
+            add_port(server, address, None)
+        with pytest.raises(OSError, match="failed to bind the health port"):
+            bind_health_server(health.aio.HealthServicer(), address)
+
+    asyncio.run(bind_both())
 
 
 def is_loopback(ip: str) -> bool:
