@@ -111,16 +111,18 @@ async def serve(
     config = PrefillConfig(num_actors=num_actors, cpus_per_actor=cpus_per_actor, **settings)
     metrics = metrics or PrefillMetrics(model_spec, address, CollectorRegistry())
 
+    # Ray starts before this process creates a gRPC server: with a server created first, 2 of 10 local
+    # Ray start-ups timed out, their forked GCS or raylet never starting (gRPC's threads and fork).
+    owns_ray = _connect_ray(ray_address, config.num_actors * config.cpus_per_actor)
     server = grpc.aio.server(
         interceptors=[MalformedRequestInterceptor()],
         options=server_options(MAX_PREFILL_REQUEST_BYTES, MAX_REPLY_BYTES),
     )
-    # Bound before Ray starts and the actors load, which takes seconds: in the test suite, a port chosen
-    # for this server was taken in that time (Ray's own processes bind free ports). Serving starts later.
+    # Bound before the actors load, which takes seconds: in the test suite, a port chosen for this
+    # server was taken in that time (Ray's own processes bind free ports). Serving starts later.
     # NOTE: if starting fails, the port stays bound until this process exits: grpc.aio releases the
     # port of a server that never started only then (checked with grpcio 1.85; stop() does not).
     port = add_port(server, address, tls)
-    owns_ray = _connect_ray(ray_address, config.num_actors * config.cpus_per_actor)
     num_gpus = config.gpus_per_actor
     if num_gpus is None:
         num_gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
