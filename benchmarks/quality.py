@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -38,9 +36,9 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-import transformers
 
 from benchmarks import quality_report
+from benchmarks.common import machine
 from benchmarks.quality_engine import generate_texts, greedy_tokens, prefill_results, prefill_states, teacher_forced_nll
 from benchmarks.quality_tasks import NeedleCase, document_cases, needle_cases
 from snapkv.config import GQA_REDUCTIONS, POOLING_KINDS, CompressionConfig, SamplingParams
@@ -212,13 +210,6 @@ def summarize(needle: list[dict], nll: list[dict], agreement: list[dict]) -> dic
         },
         "agreement": {"summary": quality_report.mean_summary(agreement, "prefix_match"),
                       "positions_equal": quality_report.mean_summary(agreement, "positions_equal"), "records": agreement},
-    }
-
-
-def machine() -> dict:
-    return {
-        "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
     }
 
 

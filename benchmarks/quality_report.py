@@ -6,6 +6,8 @@ import textwrap
 from collections import defaultdict
 from pathlib import Path
 
+from snapkv.config import CompressionConfig
+
 # Row order and labels of tables and plots. kvpress rows appear only when kvpress ran.
 METHOD_LABELS = {
     "full": "full cache",
@@ -181,12 +183,11 @@ def plot(results: dict, folder: Path) -> list[Path]:
     return written
 
 
-def _command(settings: dict) -> str:
+def rerun_command(settings: dict) -> str:
     """Return the command line that reruns the benchmark with these settings."""
     command = ".venv/bin/python -m benchmarks.quality" + (" --quick" if settings["quick"] else "")
-    defaults = {"window": 32, "kernel": 7, "pooling": "max", "gqa_reduction": "mean"}
-    for name, default in defaults.items():
-        if settings[name] != default:
+    for name in ("window", "kernel", "pooling", "gqa_reduction"):
+        if settings[name] != getattr(CompressionConfig, name):  # the engine's defaults
             command += f" --{name.replace('_', '-')} {settings[name]}"
     return command
 
@@ -244,7 +245,7 @@ is the share of them before the first token that differs from the full cache's o
     return f"""## Quality at {ratios} compression (`quality.json`)
 
 ```
-{_command(settings)}
+{rerun_command(settings)}
 ```
 
 {_wrap(intro)}

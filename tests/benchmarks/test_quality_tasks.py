@@ -1,7 +1,8 @@
 """Inputs and summaries of the quality benchmark, on the byte-level test tokenizer (one token per byte)."""
 
-from benchmarks.quality_report import markdown_tables, needle_summary, paired_differences, target_checks
+from benchmarks.quality_report import markdown_tables, needle_summary, paired_differences, rerun_command, target_checks
 from benchmarks.quality_tasks import NEEDLE, document_cases, insert_line, needle_case
+from snapkv.config import CompressionConfig
 from snapkv.tiny_models import byte_tokenizer
 
 
@@ -124,3 +125,12 @@ def test_nll_spread_tables():
     assert "| snapkv | +0.100 |" in text
     assert "| snapkv minus sinks_recent | -0.100 ± 0.000 (2/2 lower) |" in text
     assert "| random | 0.10 |" in text
+
+
+def test_rerun_command_lists_changed_settings():
+    defaults = {"quick": False, "window": CompressionConfig.window, "kernel": CompressionConfig.kernel,
+                "pooling": CompressionConfig.pooling, "gqa_reduction": CompressionConfig.gqa_reduction}
+    assert rerun_command(defaults) == ".venv/bin/python -m benchmarks.quality"
+    changed = {**defaults, "quick": True, "window": CompressionConfig.window + 32, "gqa_reduction": "max"}
+    expected = f".venv/bin/python -m benchmarks.quality --quick --window {CompressionConfig.window + 32} --gqa-reduction max"
+    assert rerun_command(changed) == expected
