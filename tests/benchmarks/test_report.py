@@ -2,7 +2,7 @@
 
 import json
 
-from benchmarks.run import measured, write_report
+from benchmarks.report import measured, write_report
 
 MACHINE = {"cpu": "Test CPU", "cores": 2, "memory_gib": 23.5, "gpu": None, "torch_threads": 2, "cpu_capability": "AVX512",
            "python": "3.11.7", "torch": "2.13.0+cpu", "transformers": "5.25.0", "date": "2026-12-05"}
