@@ -56,7 +56,8 @@ $(KVPRESS_STAMP): Makefile
 bench: $(BENCH_STAMP) $(KVPRESS_STAMP)
 	$(BIN)/python -m benchmarks.run
 
-# Every length, batch and case: 33 minutes on a 2-core AMD EPYC with AVX-512, over an hour with AVX2.
+# Every length, batch and case: 33 minutes on a 2-core AMD EPYC with AVX-512; over an hour with AVX2
+# (an estimate: the quality section alone took 51 minutes there).
 bench-full: $(BENCH_STAMP) $(KVPRESS_STAMP)
 	$(BIN)/python -m benchmarks.run --full
 

@@ -1,7 +1,7 @@
 """Run the benchmarks and write JSON, PNG plots and `results.md` into docs/benchmarks/.
 
     .venv/bin/python -m benchmarks.run            # quick version, a few minutes (`make bench`)
-    .venv/bin/python -m benchmarks.run --full     # every length, batch and case (33 minutes to over an hour on 2 cores)
+    .venv/bin/python -m benchmarks.run --full     # every length, batch and case (33 minutes on a 2-core AVX-512 CPU)
     .venv/bin/python -m benchmarks.run --only wire decode
 
 Each section can also run on its own (`python -m benchmarks.decode --help`). `results.md` is rebuilt

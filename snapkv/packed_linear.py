@@ -4,8 +4,8 @@ A decode step multiplies a few rows of activations (one per sequence in the batc
 matrix. On the 2-core CPUs this project is measured on, PyTorch's default BLAS path ran those products
 at a third to a fifth of the speed of oneDNN with a pre-packed weight: the 8-row vocabulary
 projection of SmolLM2-135M (576 x 49152) took 87 ms against 26 ms on an AVX2 machine, and 18.4 ms
-against 3.7 ms on an AVX-512 one. A 1,024-token prefill ran about as fast either way. `pack_linears`
-swaps every `nn.Linear` of a model for a `PackedLinear` that calls oneDNN's kernel, and
+against 3.7 ms on an AMD EPYC with AVX-512. A 1,024-token prefill ran about as fast either way.
+`pack_linears` swaps every `nn.Linear` of a model for a `PackedLinear` that calls oneDNN's kernel, and
 `join_linears` packs layers that read the same input as one product.
 
 NOTE: `torch.ops.mkldnn._reorder_linear_weight` and `_linear_pointwise` are the operators PyTorch's
@@ -51,7 +51,7 @@ class PackedLinear(nn.Module):
     The module keeps the layer's parameters, so the model's state dict, dtype and device read as
     before, and the packed copy costs as much memory again. Every row count takes the packed path.
     One row used to take the plain weight for square and narrowing matrices, which was faster on the
-    AVX2 machine of the first measurements. On the AVX-512 machine measured on 2026-12-05 the packed
+    AVX2 machine of the first measurements. On an AMD EPYC AVX-512 machine (2026-12-05) the packed
     path was faster for them too (576 x 576: 83 us against 124 us; 1536 x 576: 207 us against 245 us,
     weights cold in cache), and as fast for 576 x 192.
     """
