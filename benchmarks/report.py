@@ -56,7 +56,7 @@ def write_report(folder: Path = RESULTS) -> Path:
     if len(machines) == 1:
         parts += [f"Machine of every section: {machines.pop()}. Each section below gives its date.", ""]
     elif machines:
-        parts += [f"Sections come from {len(machines)} machines; each section below names its own.", ""]
+        parts += [f"Sections come from {len(machines)} machines, and each section below names its own.", ""]
     for name, result in results.items():
         title = TITLES[name]
         if name == "quality":  # quality.md brings its own heading, and the version line goes under it
