@@ -72,7 +72,8 @@ def tiny_model(family: str = "llama", seed: int = 0, attn_implementation: str = 
     config._attn_implementation = attn_implementation
     model = classes[family](config).eval()
     model.requires_grad_(False)
-    # transformers starts linear biases (Qwen2's q, k and v) at zero. Random ones make a dropped bias change the logits.
+    # transformers starts linear biases (Qwen2's q, k and v) at zero. Random ones make a dropped bias
+    # change the logits.
     for module in model.modules():
         if isinstance(module, nn.Linear) and module.bias is not None:
             module.bias.normal_(std=0.5)
