@@ -7,6 +7,7 @@ so a decode step writes each new key and value in place instead of concatenating
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -54,7 +55,9 @@ class BatchLayer(CacheLayerMixin):
         super().__init__()
         self.keys = keys
         self.values = values
-        self.cache = cache
+        # A weak reference: with a strong one, the cache and its layers would form a cycle, and
+        # their keys and values would stay allocated until Python's cycle collector ran.
+        self.cache = weakref.proxy(cache)
         self.is_initialized = True
 
     def lazy_initialization(self, key_states, value_states) -> None:  # preallocated in __init__

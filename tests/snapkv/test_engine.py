@@ -1,6 +1,9 @@
 """The engine on tiny random-weight models: compression changes nothing it should not, and decoding
 from a compressed cache is exactly decoding from the full cache with the evicted keys masked."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 from transformers import AttentionInterface, DynamicCache
@@ -189,3 +192,20 @@ def test_invalid_requests_are_rejected(ids, max_tokens, message):
     engine = tiny_engine()
     with pytest.raises(ValueError, match=message):
         engine.prefill([Request("a", ids, SamplingParams(max_tokens=max_tokens), SMALL)])
+
+
+def test_batch_cache_frees_its_tensors_without_the_cycle_collector():
+    """A dropped `BatchCache` returns its keys and values at once: its layers hold no strong
+    reference back to it. With one, they stayed allocated until the cycle collector ran (1.4 GiB
+    for a warm-up batch of 32 rows on the embedded model)."""
+    engine = tiny_engine("llama")
+    [result] = engine.prefill([Request("a", list(range(1, 40)), GREEDY_16, CompressionConfig(window=8, budget=16))])
+    gc.disable()
+    try:
+        cache = BatchCache([result.cache], max_new_tokens=16)
+        engine.decode_step(cache, torch.tensor([result.first_token]))
+        keys = weakref.ref(cache.layers[0].keys)
+        del cache
+        assert keys() is None, "the dropped cache's keys are still allocated"
+    finally:
+        gc.enable()
