@@ -194,10 +194,9 @@ def test_invalid_requests_are_rejected(ids, max_tokens, message):
         engine.prefill([Request("a", ids, SamplingParams(max_tokens=max_tokens), SMALL)])
 
 
-def test_batch_cache_frees_its_tensors_without_the_cycle_collector():
-    """A dropped `BatchCache` returns its keys and values at once: its layers hold no strong
-    reference back to it. With one, they stayed allocated until the cycle collector ran (1.4 GiB
-    for a warm-up batch of 32 rows on the embedded model)."""
+def test_dropped_batch_cache_frees_kv():
+    """A dropped `BatchCache` frees its keys and values at once, with the cycle collector off. Its
+    layers must not refer back to it strongly, or the memory stays allocated until the collector runs."""
     engine = tiny_engine("llama")
     [result] = engine.prefill([Request("a", list(range(1, 40)), GREEDY_16, CompressionConfig(window=8, budget=16))])
     gc.disable()
