@@ -63,11 +63,12 @@ LABEL org.opencontainers.image.title="snapkv-serve" \
       org.opencontainers.image.licenses="Apache-2.0"
 
 # KubeRay's default probes of Ray pods run `bash -c "wget ... | grep success"` against Ray's health
-# endpoints, so the image has wget. Debian replaces package versions with each point release, so
-# the version is left to the base image's release rather than pinned.
+# endpoints, so the image has wget. g++ is for `decode --compile-decode`: on CPUs torch.compile
+# builds its generated kernels with a C++ compiler when the worker starts. Debian replaces package
+# versions with each point release, so the versions are left to the base image's release.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends wget \
+    && apt-get install -y --no-install-recommends wget g++ \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --gid 10001 snapkv \
     && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin snapkv

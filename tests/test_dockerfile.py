@@ -326,6 +326,19 @@ def test_model_converted_at_build(runtime):
     assert CACHE_DIR == chmod.group(1) or CACHE_DIR.startswith(chmod.group(1) + "/")
 
 
+def test_runtime_installs_cpp_compiler(runtime):
+    # `decode --compile-decode` builds torch.compile's generated kernels with g++ when the worker starts.
+    packages = set()
+    for item in runtime:
+        if item.keyword != "RUN":
+            continue
+        for command in item.arguments.split("&&"):
+            words = shlex.split(command)
+            if words[:2] == ["apt-get", "install"]:
+                packages.update(word for word in words[2:] if not word.startswith("-"))
+    assert "g++" in packages
+
+
 def test_entrypoint_is_console_script(runtime):
     [entrypoint] = [item.arguments for item in runtime if item.keyword == "ENTRYPOINT"]
     assert json.loads(entrypoint) == ENTRYPOINT
