@@ -22,6 +22,7 @@ import torch
 
 from snapkv.engine import Engine
 from snapkv.kv_cache import BatchCache, PromptCache
+from snapkv.memory import release_free_heap
 from snapkv.sequence import SequenceState
 
 logger = logging.getLogger(__name__)
@@ -116,6 +117,10 @@ class DecodeScheduler:
             # thread's thread count.
             try:
                 self.engine.warm_up_decode(self.max_batch_size)
+                # Compiling leaves freed memory in this thread's heap: 700 to 800 MiB on the embedded model.
+                released = release_free_heap()
+                if released is not None:
+                    logger.info("returned %d MiB of freed heap memory after compiling", released >> 20)
             except Exception as error:  # serve() raises it and does not start the server
                 logger.error("decode step warm-up failed on model %s: %s", self.engine.name, error)
                 self.warm_up_error = error

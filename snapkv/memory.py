@@ -1,7 +1,9 @@
-"""Process memory readings from /proc (Linux): current and peak resident set size."""
+"""Process memory: resident set size readings from /proc (Linux), and returning freed heap pages (glibc)."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 from pathlib import Path
 
 _STATUS = Path("/proc/self/status")
@@ -28,3 +30,19 @@ def peak_resident_bytes() -> int:
 def reset_peak() -> None:
     """Reset the peak resident set size to the current one (Linux 4.0 and newer)."""
     _CLEAR_REFS.write_text("5")
+
+
+def release_free_heap() -> int | None:
+    """Return the C heap's free pages to the operating system with glibc's `malloc_trim`; return
+    how many bytes the resident set shrank by.
+
+    glibc keeps memory that a thread freed in that thread's heap, and gives back only what lies at
+    the heap's end. Return None, doing nothing, where the C library has no `malloc_trim` (musl, macOS).
+    """
+    library = ctypes.util.find_library("c")
+    trim = getattr(ctypes.CDLL(library), "malloc_trim", None) if library else None
+    if trim is None:
+        return None
+    before = resident_bytes()
+    trim(0)
+    return before - resident_bytes()

@@ -44,3 +44,40 @@ def test_scoring_memory_at_8k_tokens():
     shape, extra = output.stdout.rsplit(" ", 1)[0], int(output.stdout.rsplit(" ", 1)[1])
     assert shape == "(1, 3, 1024, 64)"
     assert extra < 8 * MiB, f"scoring took {extra / MiB:.1f} MiB beyond its inputs"
+
+
+# A thread fills its heap with 16 KiB blocks, frees all but the last one, which keeps glibc from
+# returning the rest on its own, then releases the free pages.
+RELEASE = """
+import ctypes
+import threading
+from snapkv.memory import release_free_heap, resident_bytes
+
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+readings = {}
+
+def fill_free_release():
+    blocks = [libc.malloc(16384) for _ in range(16384)]
+    for block in blocks:
+        ctypes.memset(block, 1, 16384)
+    for block in blocks[:-1]:
+        libc.free(block)
+    readings["freed"] = resident_bytes()
+    readings["released"] = release_free_heap()
+    readings["after"] = resident_bytes()
+
+thread = threading.Thread(target=fill_free_release)
+thread.start()
+thread.join()
+print(readings["freed"], readings["released"], readings["after"])
+"""
+
+
+def test_release_free_heap_returns_freed_pages():
+    output = subprocess.run([sys.executable, "-c", RELEASE], capture_output=True, text=True, check=True).stdout
+    freed, released, after = map(int, output.split())
+    # 256 MiB were allocated and freed.
+    assert released >= 200 * MiB
+    assert after <= freed - 200 * MiB
