@@ -22,7 +22,7 @@ import grpc
 from prefill_service.config import PrefillConfig
 from prefill_service.errors import DecodeTransferError, InvalidPrefillRequest, PrefillCancelled, PrefillError
 from snapkv.engine import Engine, PrefillResult, Request
-from snapkv.memory import resident_bytes
+from snapkv.memory import release_free_heap, resident_bytes
 from snapkv.messages import compression_from_proto, model_fingerprint, sampling_from_proto
 from snapkv.proto import serving_pb2 as pb
 from snapkv.proto import serving_pb2_grpc as pb_grpc
@@ -132,7 +132,7 @@ class PrefillWorker:
         finish_reason = self.finish_reason_at_first_token(result)
         if finish_reason is not None:
             response.finish_reason = FINISH_REASONS[finish_reason]
-            response.actor_resident_bytes = resident_bytes()
+            response.actor_resident_bytes = _release_and_measure()
             return response
         if is_cancelled():
             raise PrefillCancelled(f"request {parsed.request.request_id} was cancelled after prefill")
@@ -140,7 +140,7 @@ class PrefillWorker:
         started = time.perf_counter()
         response.handle, response.kv_bytes_sent = self.push(result, parsed, is_cancelled)
         response.transfer_s = time.perf_counter() - started
-        response.actor_resident_bytes = resident_bytes()
+        response.actor_resident_bytes = _release_and_measure()
         return response
 
     def finish_reason_at_first_token(self, result: PrefillResult) -> str | None:
@@ -209,6 +209,17 @@ class PrefillWorker:
     def close(self) -> None:
         for address in list(self._channels):
             self._close_channel(address)
+
+
+def _release_and_measure() -> int:
+    """Give back to the system the heap memory that prefill freed; return the resident set size.
+
+    Prompts of different lengths leave freed blocks of many sizes in the heap, and glibc keeps them.
+    On the embedded model, 48 prompts of 500 to 3,900 tokens took the resident set from 2,177 to
+    2,427 MiB without this. With it, from 1,824 to 1,914 MiB, at 3 to 13 ms a request.
+    """
+    release_free_heap()
+    return resident_bytes()
 
 
 def _wait(call: grpc.Future, is_cancelled: Callable[[], bool], request_id: str) -> pb.LoadKVResponse:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
+from collections.abc import Callable
 from pathlib import Path
 
 _STATUS = Path("/proc/self/status")
@@ -32,15 +33,20 @@ def reset_peak() -> None:
     _CLEAR_REFS.write_text("5")
 
 
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    # The process's own symbols include the C library's. A lookup, unlike find_library, starts no subprocess.
+    return getattr(ctypes.CDLL(None), "malloc_trim", None)
+
+
 def release_free_heap() -> int | None:
-    """Return the C heap's free pages to the operating system with glibc's `malloc_trim`; return
-    how many bytes the resident set shrank by.
+    """Give the C heap's free pages back to the operating system with glibc's `malloc_trim`, and
+    return by how many bytes the resident set shrank.
 
     glibc keeps memory that a thread freed in that thread's heap, and gives back only what lies at
     the heap's end. Return None, doing nothing, where the C library has no `malloc_trim` (musl, macOS).
     """
-    library = ctypes.util.find_library("c")
-    trim = getattr(ctypes.CDLL(library), "malloc_trim", None) if library else None
+    trim = _malloc_trim()
     if trim is None:
         return None
     before = resident_bytes()
