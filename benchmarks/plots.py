@@ -10,6 +10,8 @@ import matplotlib.ticker
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402  (the backend is chosen first)
 
+from benchmarks.memory import PROCESSES  # noqa: E402
+
 
 def _save(figure, path: Path) -> Path:
     figure.tight_layout()
@@ -96,3 +98,16 @@ def service(result: dict, folder: Path) -> Path:
         axis.grid(True, axis="x", alpha=0.3)
         axis.tick_params(axis="y", labelsize=8)
     return _save(figure, folder / "service.png")
+
+
+def memory(result: dict, folder: Path) -> Path:
+    figure, axis = plt.subplots(figsize=(7, 4))
+    requests = [r["requests"] for r in result["rounds"]]
+    for name in PROCESSES:
+        axis.plot(requests, [r[name] for r in result["rounds"]], marker="o", label=name)
+    axis.set_xlabel("requests sent")
+    axis.set_ylabel("resident MiB")
+    axis.set_title("Resident memory of each process")
+    axis.grid(True, alpha=0.3)
+    axis.legend()
+    return _save(figure, folder / "memory.png")

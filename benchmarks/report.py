@@ -9,15 +9,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from benchmarks import decode, prefill, service, wire
+from benchmarks import decode, memory, prefill, service, wire
 from benchmarks.common import RESULTS
 
-MODULES = {"wire": wire, "decode": decode, "prefill": prefill, "service": service}
+MODULES = {"wire": wire, "decode": decode, "prefill": prefill, "service": service, "memory": memory}
 TITLES = {
     "wire": "KV bytes on the wire",
     "decode": "Decode speed and the bandwidth bound",
     "prefill": "Prefill time and peak memory",
     "service": "Service overhead",
+    "memory": "Resident memory over many requests",
     "quality": "Quality at 2x, 4x and 8x compression",
 }
 
