@@ -56,8 +56,8 @@ $(KVPRESS_STAMP): Makefile
 bench: $(BENCH_STAMP) $(KVPRESS_STAMP)
 	$(BIN)/python -m benchmarks.run
 
-# Every length, batch and case: 33 minutes on a 2-core AMD EPYC with AVX-512; over an hour with AVX2
-# (an estimate: the quality section alone took 51 minutes there).
+# Every length, batch and case: 33 minutes on a 2-core AMD EPYC with AVX-512 before the memory
+# section, which adds about 6; over an hour with AVX2 (an estimate: quality alone took 51 minutes there).
 bench-full: $(BENCH_STAMP) $(KVPRESS_STAMP)
 	$(BIN)/python -m benchmarks.run --full
 
