@@ -6,7 +6,7 @@ Starts the stack as `snapkv-serve up` does (router, prefill with one Ray actor, 
 rounds of 8 requests, 4 at a time. Request i takes the first 500 + (787 i mod 3,400) tokens of the
 shipped GPL-2 text, with budget 256 + 128 (i mod 4) and 8 + (i mod 24) new tokens. So prompt
 lengths, budgets and batch sizes keep changing, as they do in service. After each round the table
-shows each process's resident set size. A process that keeps growing over the later rounds holds
+shows each process's resident set size. A process that keeps growing over the later rounds keeps
 memory that its requests no longer need.
 """
 
@@ -40,11 +40,18 @@ def resident_mib(stack: LocalStack) -> dict[str, float]:
     readings = {name: psutil.Process(stack.processes[name].pid).memory_info().rss for name in ("decode", "router")}
     prefill = psutil.Process(stack.processes["prefill"].pid)
     readings["prefill server"] = prefill.memory_info().rss
-    # Ray titles its actor processes after the class ("ray::PrefillActor"). They run under the raylet
-    # that the prefill server started.
-    actors = [p for p in prefill.children(recursive=True) if p.cmdline()[:1] == ["ray::PrefillActor"]]
-    readings["prefill actor"] = sum(p.memory_info().rss for p in actors)
+    readings["prefill actor"] = sum(_actor_rss(process) for process in prefill.children(recursive=True))
     return {name: readings[name] / 2**20 for name in PROCESSES}
+
+
+def _actor_rss(process: psutil.Process) -> int:
+    """Return the resident set size of a prefill actor process, and 0 for any other or one that has exited."""
+    # Ray titles its actor processes after the class. They run under the raylet that the prefill
+    # server started, beside Ray's own processes, which may exit while the readings are taken.
+    try:
+        return process.memory_info().rss if process.cmdline()[:1] == ["ray::PrefillActor"] else 0
+    except psutil.NoSuchProcess:
+        return 0
 
 
 def run(rounds: int) -> dict:

@@ -37,7 +37,7 @@ class PrefillActor:
 
     def __init__(self, model_spec: str, config: PrefillConfig):
         # oneDNN caches up to 1,024 primitives by default, and each new prompt length adds some: about
-        # 2 MiB a request on the embedded model. oneDNN reads the variable when it creates its first one.
+        # 2 MiB a request on the embedded model. oneDNN reads the variable at its first primitive.
         os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
         device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cpu":

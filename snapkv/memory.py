@@ -43,8 +43,8 @@ def release_free_heap() -> int | None:
     """Give the C heap's free pages back to the operating system with glibc's `malloc_trim`, and
     return by how many bytes the resident set shrank.
 
-    glibc keeps memory that a thread freed in that thread's heap, and gives back only what lies at
-    the heap's end. Return None, doing nothing, where the C library has no `malloc_trim` (musl, macOS).
+    On its own, glibc gives back only large blocks and free space at a heap's end. Freed blocks in
+    the middle of a heap stay resident. Return None, doing nothing, where the C library has no `malloc_trim` (musl, macOS).
     """
     trim = _malloc_trim()
     if trim is None:

@@ -46,8 +46,8 @@ def test_scoring_memory_at_8k_tokens():
     assert extra < 8 * MiB, f"scoring took {extra / MiB:.1f} MiB beyond its inputs"
 
 
-# A thread fills its heap with 16 KiB blocks, frees all but the last one, which keeps glibc from
-# returning the rest on its own, then releases the free pages.
+# A thread fills its heap with 16 KiB blocks and frees all but the last one, which keeps glibc from
+# trimming the heap on its own. Then it releases the free pages.
 RELEASE = """
 import ctypes
 import threading
