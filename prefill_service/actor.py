@@ -7,7 +7,6 @@ Errors cross it as `PrefillError` subclasses, which the server maps to gRPC stat
 from __future__ import annotations
 
 import logging
-import os
 
 import ray
 import torch
@@ -17,6 +16,7 @@ from prefill_service.config import PrefillConfig
 from prefill_service.errors import InvalidPrefillRequest, PrefillError
 from prefill_service.worker import PrefillWorker
 from snapkv.engine import Engine
+from snapkv.memory import limit_onednn_caches
 from snapkv.model import resolve_model
 from snapkv.proto import serving_pb2 as pb
 
@@ -36,9 +36,10 @@ class PrefillActor:
     """Load the model named by `model_spec` once, then prefill serialized PrefillRequests."""
 
     def __init__(self, model_spec: str, config: PrefillConfig):
-        # oneDNN caches up to 1,024 primitives by default, and each new prompt length adds some: about
-        # 2 MiB a request on the embedded model. oneDNN reads the variable at its first primitive.
-        os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
+        # Each new prompt length adds oneDNN primitives: four on the embedded model, one per weight shape of
+        # its decoder layers, so 64 entries keep those of the last 16 lengths. Decode workers keep the
+        # default sizes, because their row counts are only the batch sizes.
+        limit_onednn_caches(64)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cpu":
             # Ray sets OMP_NUM_THREADS to the actor's num_cpus. torch.set_num_threads is called as well,

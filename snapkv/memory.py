@@ -1,9 +1,11 @@
-"""Process memory: resident set size readings from /proc (Linux), and returning freed heap pages (glibc)."""
+"""Process memory: resident set size readings from /proc (Linux), returning freed heap pages (glibc),
+and bounding oneDNN's caches."""
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -52,3 +54,21 @@ def release_free_heap() -> int | None:
     before = resident_bytes()
     trim(0)
     return before - resident_bytes()
+
+
+# oneDNN caches every primitive it creates, and PyTorch's oneDNN layer (ideep) keeps its own cache of
+# them in each thread. A primitive stays in memory until both caches have dropped it.
+ONEDNN_CACHE_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
+
+
+def limit_onednn_caches(capacity: int) -> None:
+    """Let oneDNN's primitive cache and ideep's cache hold `capacity` entries each, where the
+    environment does not already set their sizes.
+
+    Each keeps up to 1,024 entries by default. A packed linear layer makes a primitive for every row
+    count it sees, so a prefill worker adds a few with every new prompt length: about 1 MiB a request
+    on the embedded model, until both caches are full. The sizes are read when the caches are first used,
+    so call this before the first oneDNN operation.
+    """
+    for name in ONEDNN_CACHE_VARIABLES:
+        os.environ.setdefault(name, str(capacity))

@@ -16,6 +16,8 @@ import os
 import subprocess
 import sys
 
+from snapkv.memory import ONEDNN_CACHE_VARIABLES
+
 MiB = 2**20
 
 MEASURE = """
@@ -81,3 +83,40 @@ def test_release_free_heap_returns_freed_pages():
     # 256 MiB were allocated and freed.
     assert released >= 200 * MiB
     assert after <= freed - 200 * MiB
+
+
+# A packed linear layer multiplies 200 different row counts, each of which makes a oneDNN primitive.
+PRIMITIVES = """
+import sys
+
+from snapkv.memory import ONEDNN_CACHE_VARIABLES
+import torch
+from torch import nn
+from snapkv.memory import limit_onednn_caches, release_free_heap, resident_bytes
+from snapkv.packed_linear import PackedLinear
+
+if sys.argv[1] != "default":
+    limit_onednn_caches(int(sys.argv[1]))
+torch.set_num_threads(1)
+layer = PackedLinear(nn.Linear(576, 1536))
+with torch.inference_mode():
+    layer(torch.ones(7, 576))
+    release_free_heap()
+    before = resident_bytes()
+    for rows in range(100, 300):
+        layer(torch.ones(rows, 576))
+    release_free_heap()
+print(resident_bytes() - before)
+"""
+
+
+def primitive_growth(capacity: str) -> int:
+    env = {name: value for name, value in os.environ.items() if name not in ONEDNN_CACHE_VARIABLES}
+    command = [sys.executable, "-c", PRIMITIVES, capacity]
+    return int(subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout)
+
+
+def test_limit_onednn_caches_bounds_primitive_memory():
+    # About 120 MiB with the default sizes and 3 MiB with 8 entries, measured on the Intel machine.
+    assert primitive_growth("default") > 60 * MiB, "the default caches no longer grow: the limit is not needed"
+    assert primitive_growth("8") < 15 * MiB
