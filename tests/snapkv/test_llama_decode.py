@@ -112,3 +112,15 @@ def test_compiled_step_matches_without_recompiling(fresh_compiler, family, pack_
 def test_compile_needs_the_llama_step():
     with pytest.raises(ValueError, match="invalid compile_decode=True: .*llama_decode=False"):
         Engine(tiny_model("llama", **FAMILY_SHAPES["llama"]), llama_decode=False, compile_decode=True)
+
+
+def test_compiling_traces_each_graph_once(fresh_compiler):
+    # Dynamo starts a graph's tracing over when a float it traced as a symbolic input has to be a
+    # constant, as RMSNorm's epsilon and attention's scaling have to. It then times a second attempt
+    # (`compilation_time_metrics` is Dynamo's internal record of phase times; no public API has it).
+    metrics = torch._dynamo.utils.compilation_time_metrics
+    metrics.clear()
+    engine = Engine(tiny_model("llama", **FAMILY_SHAPES["llama"]), compile_decode=True)
+    engine.warm_up_decode(batch_size=3, kept_positions=48)
+    assert "compile_attempt_0" in metrics
+    assert "compile_attempt_1" not in metrics
