@@ -36,9 +36,9 @@ class PrefillActor:
     """Load the model named by `model_spec` once, then prefill serialized PrefillRequests."""
 
     def __init__(self, model_spec: str, config: PrefillConfig):
-        # Each new prompt length adds oneDNN primitives: four on the embedded model, one per weight shape of
-        # its decoder layers, so 64 entries keep those of the last 16 lengths. Decode workers keep the
-        # default sizes, because their row counts are only the batch sizes.
+        # Each new prompt length adds oneDNN primitives: four on the embedded model, one per weight
+        # shape of its decoder layers, so 64 entries keep those of the last 16 lengths. Decode workers
+        # keep the default sizes, because their row counts are only the batch sizes.
         limit_onednn_caches(64)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cpu":

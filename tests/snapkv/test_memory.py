@@ -88,8 +88,6 @@ def test_release_free_heap_returns_freed_pages():
 # A packed linear layer multiplies 200 different row counts, each of which makes a oneDNN primitive.
 PRIMITIVES = """
 import sys
-
-from snapkv.memory import ONEDNN_CACHE_VARIABLES
 import torch
 from torch import nn
 from snapkv.memory import limit_onednn_caches, release_free_heap, resident_bytes
