@@ -3,8 +3,9 @@ at each stage, a cache that nobody streams, no healthy worker, and max_tokens = 
 
 Bounds stated here: a killed decode worker's stream fails within 3 s, and the router stops choosing
 that worker within 20 s (it takes three failed health checks, 2 s apart by default). Cancelling after
-the first token frees every cache within 2 s. Cancelling during prefill cannot stop the forward pass,
-which runs to its end, but no KV cache is sent afterwards. A cache that nobody streams is freed
+the first token frees every cache within 2 s. A cancelled prefill leaves the server's in-flight count
+within 5 s. Cancelling during prefill cannot stop the forward pass, which runs to its end, but no KV
+cache is sent afterwards. A cache that nobody streams is freed
 within its lease (3 s here, 30 s by default) plus 1 s.
 """
 
@@ -163,9 +164,11 @@ def test_cancel_before_and_during_prefill_sends_no_kv(stack):
         wait_until(lambda: prefill_in_flight(stack) == 2, 10, "the second request did not reach prefill")
 
         queued.cancel()
-        wait_until(lambda: prefill_in_flight(stack) == 1, CANCEL_RELEASE_S, "the queued prefill was not cancelled")
+        # RELEASE_TIMEOUT_S, not CANCEL_RELEASE_S: the busy actor and Ray compete for CPU with the router
+        # and this test, and on a 2-core machine the queued prefill once took over 2 s to leave.
+        wait_until(lambda: prefill_in_flight(stack) == 1, RELEASE_TIMEOUT_S, "the queued prefill was not cancelled")
         running.cancel()
-        wait_until(lambda: prefill_in_flight(stack) == 0, CANCEL_RELEASE_S, "the running prefill was not cancelled")
+        wait_until(lambda: prefill_in_flight(stack) == 0, RELEASE_TIMEOUT_S, "the running prefill was not cancelled")
 
     tokens, summary = generate(stack, prompt(4), 8)
     assert len(tokens) == 8
