@@ -126,8 +126,8 @@ class LlamaDecodeStep:
         # Compile for any cache length and batch size (dynamic shapes): both change as sequences
         # decode, join and leave. By default (torch 2.13) dynamic compiling also traces the float
         # attributes of the modules (RMSNorm's epsilon, attention's scaling) as symbolic inputs. The
-        # operators need them as constants, so Dynamo traced each graph a second time. Constant floats
-        # save that: 143 s against 210 s to compile on a 2-core Intel Xeon (docs/benchmarks).
+        # operators need them as constants, so Dynamo then traces each graph again from the start.
+        # Constant floats avoid that: 143 s against 210 s to compile on a 2-core Intel Xeon.
         self._forward = self._step
         if compile_step:
             self._forward = torch._dynamo.config.patch(specialize_float=True)(torch.compile(self._step, dynamic=True))

@@ -66,8 +66,8 @@ def limit_onednn_caches(capacity: int) -> None:
     environment does not already set their sizes.
 
     Each keeps up to 1,024 entries by default. A packed linear layer makes a primitive for every row
-    count it sees, so a prefill worker adds a few with every new prompt length: about 1 MiB a request
-    on the embedded model, until both caches are full. The sizes are read when the caches are first
+    count of its input, so a prefill worker adds a few with every new prompt length: about 1 MiB a
+    request on the embedded model, until both caches are full. The sizes are read when the caches are first
     used, so call this before the first oneDNN operation.
     """
     for name in ONEDNN_CACHE_VARIABLES:

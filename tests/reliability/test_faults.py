@@ -5,8 +5,8 @@ Bounds stated here: a killed decode worker's stream fails within 3 s, and the ro
 that worker within 20 s (it takes three failed health checks, 2 s apart by default). Cancelling after
 the first token frees every cache within 2 s. A cancelled prefill leaves the server's in-flight count
 within 5 s. Cancelling during prefill cannot stop the forward pass, which runs to its end, but no KV
-cache is sent afterwards. A cache that nobody streams is freed
-within its lease (3 s here, 30 s by default) plus 1 s.
+cache is sent afterwards. A cache that no client streams is freed within its lease (3 s here, 30 s
+by default) plus 1 s.
 """
 
 import signal

@@ -115,9 +115,9 @@ def test_compile_needs_the_llama_step():
 
 
 def test_compiling_traces_each_graph_once(fresh_compiler):
-    # Dynamo starts a graph's tracing over when a float it traced as a symbolic input has to be a
-    # constant, as RMSNorm's epsilon and attention's scaling have to. It then times a second attempt
-    # (`compilation_time_metrics` is Dynamo's internal record of phase times; no public API has it).
+    # Dynamo traces a graph again from the start when a float it traced as a symbolic input must be a
+    # constant (RMSNorm's epsilon, attention's scaling). It records that as `compile_attempt_1` in
+    # `compilation_time_metrics`, its internal record of phase times, which no public API exposes.
     metrics = torch._dynamo.utils.compilation_time_metrics
     metrics.clear()
     engine = Engine(tiny_model("llama", **FAMILY_SHAPES["llama"]), compile_decode=True)

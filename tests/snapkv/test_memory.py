@@ -115,6 +115,6 @@ def primitive_growth(capacity: str) -> int:
 
 
 def test_limit_onednn_caches_bounds_primitive_memory():
-    # About 120 MiB with the default sizes and 3 MiB with 8 entries, measured on the Intel machine.
+    # About 120 MiB with the default sizes and 3 MiB with 8 entries, measured on a 2-core Intel Xeon.
     assert primitive_growth("default") > 60 * MiB, "the default caches no longer grow: the limit is not needed"
     assert primitive_growth("8") < 15 * MiB
