@@ -156,7 +156,7 @@ class DecodeScheduler:
         caches = [job.cache for job in joining]
         max_new = max(job.sequence.sampling.max_tokens for job in joining)
         if self._cache is None:
-            self._cache = BatchCache(caches, max_new)
+            self._cache = BatchCache(caches, max_new, self.engine.kv_dtype)
         else:
             self._cache.add_rows(caches, max_new)
         self._active.extend(joining)

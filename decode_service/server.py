@@ -2,7 +2,7 @@
 Release frees a loaded cache that will not be streamed.
 
 Admission control: a cache is admitted only if its KV memory (the received keys and values plus room
-for `max_tokens` generated positions, in the model's dtype) fits the worker's budget next to every
+for `max_tokens` generated positions, in the engine's `kv_dtype`) fits the worker's budget next to every
 reservation already held; otherwise LoadKV returns RESOURCE_EXHAUSTED at once, before any chunk is
 read, so the router can pick another worker while the client has seen no token. Nothing waits
 in a queue for memory.
@@ -40,9 +40,9 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Decode"].full_name
 
 
 def kv_bytes_per_token(engine: Engine) -> int:
-    """Bytes one position takes in every layer's keys and values, in the model's dtype."""
+    """Bytes one position takes in every layer's keys and values, in the dtype decoding stores them in."""
     config = engine.model.config
-    element_size = torch.empty((), dtype=engine.model.dtype).element_size()
+    element_size = torch.empty((), dtype=engine.kv_dtype).element_size()
     return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim(config) * element_size
 
 
@@ -63,7 +63,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             if first is None or first.WhichOneof("item") != "header":
                 raise MalformedKVError("invalid LoadKV stream: the first message must be a KVHeader")
             header = first.header
-            assembler = KVAssembler(header, self.fingerprint, dtype=self.engine.model.dtype, device=self.engine.device)
+            assembler = KVAssembler(header, self.fingerprint, dtype=self.engine.kv_dtype, device=self.engine.device)
         except WireError as error:
             logger.warning("rejected KV header: %s", error)
             await context.abort(getattr(grpc.StatusCode, error.code), str(error))

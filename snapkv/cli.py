@@ -23,6 +23,12 @@ CACHE_DIR_VARIABLE = "SNAPKV_CACHE_DIR"
 AUTH_TOKEN_VARIABLE = "SNAPKV_AUTH_TOKEN"  # read by `generate --target` when --auth-token-file is not given
 DEFAULT_MODEL_SPEC = "embedded:smollm2-135m-instruct"  # snapkv.model.DEFAULT_MODEL, without importing torch
 WIRE_DTYPES = ("fp16", "bf16", "int8", "fp32")
+# --kv-dtype's choices: "auto" is snapkv.engine.AUTO_KV_DTYPE, "model" the model's own dtype.
+KV_DTYPES = ("auto", "model", "float16", "bfloat16", "float32")
+KV_DTYPE_HELP = (
+    "dtype the decode cache stores keys and values in; 'auto' (default): float16 for an fp32 Llama, Mistral or "
+    "Qwen2 model, which halves the cache's memory, else the model's dtype; 'model': the model's dtype"
+)
 
 
 class CommandError(Exception):
@@ -114,6 +120,7 @@ def add_service_commands(commands) -> None:
         "--compile-decode", action="store_true",
         help="compile the decode step with torch.compile before serving (minutes on a small CPU; faster steps)",
     )
+    decode.add_argument("--kv-dtype", choices=KV_DTYPES, default="auto", help=KV_DTYPE_HELP)
 
     prefill = service("prefill", "run a prefill server and its Ray actors", 50052)
     prefill.add_argument("--actors", type=int, default=1, help="number of Ray prefill actors")
@@ -155,6 +162,7 @@ def add_service_commands(commands) -> None:
         "--compile-decode", action="store_true",
         help="start the decode worker with --compile-decode (it compiles for a minute or more before serving)",
     )
+    up.add_argument("--kv-dtype", choices=KV_DTYPES, default="auto", help=KV_DTYPE_HELP)
 
 
 def read_prompt(args: argparse.Namespace) -> str:
@@ -185,11 +193,12 @@ def run_generate_local(args: argparse.Namespace) -> int:
     prompt = read_prompt(args)
 
     # Imported only now, so that `--help` and invalid arguments do not pay for importing torch.
-    from snapkv.engine import Engine, Request
+    from snapkv.engine import AUTO_KV_DTYPE, Engine, Request
     from snapkv.model import resolve_model
     from snapkv.text import prompt_ids
 
-    engine = Engine(resolve_model(args.model or DEFAULT_MODEL_SPEC, cache_dir=args.cache_dir))
+    # The decode worker's default cache dtype, so that --local decodes as the services do.
+    engine = Engine(resolve_model(args.model or DEFAULT_MODEL_SPEC, cache_dir=args.cache_dir), kv_dtype=AUTO_KV_DTYPE)
 
     start = time.perf_counter()
     request = Request("local", tuple(prompt_ids(engine.tokenizer, prompt, raw=args.raw)), sampling, compression)

@@ -41,13 +41,35 @@ def _start_metrics(port: int | None, host: str) -> None:
         print(f"metrics on http://{host}:{port}/metrics", flush=True)
 
 
+def engine_kv_dtype(name: str):
+    """Return the `Engine` kv_dtype argument for a --kv-dtype choice: "auto", None ("model") or a torch dtype."""
+    import torch
+
+    from snapkv.engine import AUTO_KV_DTYPE
+
+    named = {"auto": AUTO_KV_DTYPE, "model": None}
+    return named[name] if name in named else getattr(torch, name)
+
+
+def decode_engine(args: argparse.Namespace):
+    """Load the `decode` command's model onto its device; return its `Engine` with the decode options applied."""
+    import torch
+
+    from snapkv.engine import Engine
+    from snapkv.model import resolve_model
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    kv_dtype = engine_kv_dtype(args.kv_dtype)
+    return Engine(resolve_model(args.model, args.cache_dir, device), compile_decode=args.compile_decode, kv_dtype=kv_dtype)
+
+
 def run_decode(args: argparse.Namespace) -> int:
     import torch
 
     from decode_service.metrics import DecodeMetrics
     from decode_service.server import serve
-    from snapkv.engine import Engine
-    from snapkv.model import resolve_model
     from snapkv.serving import serve_until_signal
 
     # Only the decode loop's thread runs torch on several threads; this one loads the model and
@@ -56,10 +78,7 @@ def run_decode(args: argparse.Namespace) -> int:
     # to 100 spins, and each decode step took about 10 ms more on a 2-core machine.
     decode_threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(1)
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    engine = Engine(resolve_model(args.model, args.cache_dir, device), compile_decode=args.compile_decode)
+    engine = decode_engine(args)
     _start_metrics(args.metrics_port, args.host)
 
     async def main() -> None:
@@ -280,7 +299,8 @@ def run_up(args: argparse.Namespace) -> int:
     router_options = [] if args.auth_token_file is None else ["--auth-token-file", str(args.auth_token_file)]
     stack = LocalStack(
         args.model, args.port, args.metrics_port, args.cache_dir, args.log_level,
-        decode_options=("--compile-decode",) if args.compile_decode else (), service_options={"router": router_options},
+        decode_options=("--kv-dtype", args.kv_dtype) + (("--compile-decode",) if args.compile_decode else ()),
+        service_options={"router": router_options},
     )
     with stack:
         stack.start()

@@ -31,6 +31,9 @@ from snapkv.text import stop_token_ids
 
 logger = logging.getLogger(__name__)
 
+# `Engine(kv_dtype=AUTO_KV_DTYPE)`: fp16 decode caches for fp32 models on the Llama decode step.
+AUTO_KV_DTYPE = "auto"
+
 
 @dataclass(frozen=True)
 class Request:
@@ -73,6 +76,7 @@ class Engine:
         pack_weights: bool | None = None,
         llama_decode: bool | None = None,
         compile_decode: bool = False,
+        kv_dtype: torch.dtype | str | None = None,
     ):
         """`pack_weights` None packs the linear layers' weights for oneDNN when the model is fp32 on a
         CPU and PyTorch has the operators (see `snapkv.packed_linear`); False keeps `nn.Linear`.
@@ -82,6 +86,12 @@ class Engine:
 
         `compile_decode` compiles `LlamaDecodeStep` with torch.compile (see its `compile_step`). Call
         `warm_up_decode` before serving, or the first steps of each kind wait for the compiler.
+
+        `kv_dtype` is the dtype decoding stores keys and values in; None keeps the model's. A
+        narrower one (fp16 or bf16 for an fp32 model) halves the decode cache's memory and the bytes
+        attention reads each step, and attention runs in that dtype. Only `LlamaDecodeStep` supports
+        a dtype other than the model's. "auto" (`AUTO_KV_DTYPE`, the decode worker's default) takes
+        fp16 for an fp32 model that `LlamaDecodeStep` decodes, and the model's dtype otherwise.
         """
         config = loaded.model.config
         if getattr(config, "sliding_window", None) is not None:
@@ -111,6 +121,20 @@ class Engine:
             LlamaDecodeStep(self.model, join_projections=joined, compile_step=compile_decode) if llama_decode else None
         )
         self.compile_decode = compile_decode
+        if kv_dtype == AUTO_KV_DTYPE:
+            narrow = self.model.dtype == torch.float32 and self._llama_step is not None
+            kv_dtype = torch.float16 if narrow else None
+        self.kv_dtype = kv_dtype or self.model.dtype
+        if not isinstance(self.kv_dtype, torch.dtype):
+            raise ValueError(f"invalid kv_dtype={kv_dtype!r}: expected a torch dtype, None or {AUTO_KV_DTYPE!r}")
+        if not self.kv_dtype.is_floating_point:
+            raise ValueError(f"invalid kv_dtype={kv_dtype}: expected a floating-point dtype such as torch.float16")
+        if self.kv_dtype != self.model.dtype and self._llama_step is None:
+            reason = unsupported_reason(self.model) or "llama_decode=False was given"
+            raise ValueError(
+                f"invalid kv_dtype={kv_dtype}: a cache in another dtype than the model's ({self.model.dtype}) needs "
+                f"the Llama decode step, which is off ({reason})"
+            )
         self.num_layers = config.num_hidden_layers
         self.max_context = getattr(config, "max_position_embeddings", None)
         eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
@@ -207,7 +231,7 @@ class Engine:
 
         def prompt(kept_length: int) -> PromptCache:
             shape = (self.num_layers, config.num_key_value_heads, kept_length, head_dim(config))
-            keys = torch.zeros(shape, dtype=self.model.dtype, device=self.device)
+            keys = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
             return PromptCache(keys, keys.clone(), kept_length)
 
         batch_size = max(2, batch_size)
@@ -258,7 +282,9 @@ class Engine:
         if not active:
             return
 
-        cache = BatchCache([results[i].cache for i in active], max(sequences[i].sampling.max_tokens for i in active))
+        cache = BatchCache(
+            [results[i].cache for i in active], max(sequences[i].sampling.max_tokens for i in active), self.kv_dtype
+        )
         while active:
             logits = self.decode_step(cache, torch.tensor([sequences[i].last_token for i in active]))
             still_active = []

@@ -91,9 +91,11 @@ class BatchCache(Cache):
     never attended. Call `advance()` after every forward step.
     """
 
-    def __init__(self, prompts: list[PromptCache], max_new_tokens: int):
+    def __init__(self, prompts: list[PromptCache], max_new_tokens: int, dtype: torch.dtype | None = None):
+        """Store the prompts' keys and values in `dtype` (None: theirs), with room for `max_new_tokens` more."""
         capacity = max(p.kept_length for p in prompts) + max_new_tokens
-        layers = [BatchLayer(keys, values, self) for keys, values in _fill_rows(prompts, capacity)]
+        dtype = dtype or prompts[0].keys.dtype
+        layers = [BatchLayer(keys, values, self) for keys, values in _fill_rows(prompts, capacity, dtype)]
         super().__init__(layers=layers)
         device = prompts[0].keys.device
         self.lengths = torch.tensor([p.kept_length for p in prompts], device=device)
@@ -112,7 +114,7 @@ class BatchCache(Cache):
     def add_rows(self, prompts: list[PromptCache], max_new_tokens: int) -> None:
         """Append sequences as new rows (between steps), growing the capacity if they need more."""
         capacity = max(self.capacity, max(p.kept_length for p in prompts) + max_new_tokens)
-        for layer, (new_keys, new_values) in zip(self.layers, _fill_rows(prompts, capacity)):
+        for layer, (new_keys, new_values) in zip(self.layers, _fill_rows(prompts, capacity, self.dtype)):
             layer.keys = torch.cat([_pad_capacity(layer.keys, capacity), new_keys])
             layer.values = torch.cat([_pad_capacity(layer.values, capacity), new_values])
         device = self.lengths.device
@@ -129,6 +131,11 @@ class BatchCache(Cache):
     def step_kv_len(self) -> int:
         """Keys a step attends to: the longest row plus the token being written."""
         return self._max_length + 1
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the keys and values are stored in."""
+        return self.layers[0].keys.dtype
 
     @property
     def capacity(self) -> int:
@@ -190,20 +197,21 @@ def write_step(
     kv_len: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Write one step into a layer's tensors [batch, num_kv_heads, capacity, head_dim]: row b's new key and
-    value [batch, num_kv_heads, head_dim] at position lengths[b]. Return the first `kv_len` positions of all rows.
+    value [batch, num_kv_heads, head_dim] at position lengths[b], in the cache's dtype. Return the first `kv_len`
+    positions of all rows.
     """
-    keys[rows, :, lengths] = new_keys
-    values[rows, :, lengths] = new_values
+    keys[rows, :, lengths] = new_keys.to(keys.dtype)
+    values[rows, :, lengths] = new_values.to(values.dtype)
     return keys[:, :, :kv_len], values[:, :, :kv_len]
 
 
-def _fill_rows(prompts: list[PromptCache], capacity: int):
-    """Yield per layer the keys and values [len(prompts), num_kv_heads, capacity, head_dim] of the prompts."""
+def _fill_rows(prompts: list[PromptCache], capacity: int, dtype: torch.dtype):
+    """Yield per layer the keys and values [len(prompts), num_kv_heads, capacity, head_dim] of the prompts in `dtype`."""
     num_layers, num_kv_heads, _, head_dim = prompts[0].keys.shape
     shape = (len(prompts), num_kv_heads, capacity, head_dim)
     for layer_idx in range(num_layers):
-        keys = prompts[0].keys.new_zeros(shape)
-        values = prompts[0].values.new_zeros(shape)
+        keys = prompts[0].keys.new_zeros(shape, dtype=dtype)
+        values = prompts[0].values.new_zeros(shape, dtype=dtype)
         for row, prompt in enumerate(prompts):
             keys[row, :, : prompt.kept_length] = prompt.keys[layer_idx]
             values[row, :, : prompt.kept_length] = prompt.values[layer_idx]

@@ -6,8 +6,9 @@ modules. For one new token per row on a small model, that bookkeeping is a notic
 step. `LlamaDecodeStep` does the same arithmetic on the same modules (so packed linear layers and
 their weights are shared, not copied) with less of that work:
 - RoPE rotates the queries and keys of a layer in one operation, from one projection output each;
-- attention is `scaled_dot_product_attention` on the cache rows in place, with the query heads of
-  each KV head passed as that head's queries, so the kernel reads each cached key and value once;
+- attention is `scaled_dot_product_attention` on the cache rows in place, in the cache's dtype, with
+  the query heads of each KV head passed as that head's queries, so the kernel reads each cached key
+  and value once;
 - the cache's mask is built once per step, and only when rows differ in length;
 - with `join_projections`, q, k and v are one product and gate and up another, each with the weight
   of the RMSNorm before it folded in;
@@ -188,10 +189,11 @@ class LlamaDecodeStep:
             all_keys, all_values = write_step(
                 cached_keys[index], cached_values[index], rows, lengths, keys, values, kv_len
             )
+            # In the cache's dtype: a cache stored in fp16 has sdpa read half the bytes.
             output = F.scaled_dot_product_attention(
-                queries, all_keys, all_values, attn_mask=mask, scale=attention.scaling
+                queries.to(all_keys.dtype), all_keys, all_values, attn_mask=mask, scale=attention.scaling
             )  # [B, H_kv, group_size, D]
-            attended = output.reshape(batch, self.num_heads * self.head_dim)
+            attended = output.reshape(batch, self.num_heads * self.head_dim).to(hidden.dtype)
             hidden = hidden + _linear(attention.o_proj, attended, generated)
 
             hidden = hidden + _linear(layer.mlp.down_proj, self._gate_up(index, layer, hidden, generated), generated)

@@ -7,7 +7,6 @@ import urllib.request
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2
 
 from router.client import SnapKVClient, SnapKVError, Summary
 from snapkv.cli_services import LocalStack, free_port
@@ -32,7 +31,8 @@ def stack():
 
 @pytest.fixture(scope="module")
 def local():
-    return tiny_engine("llama")
+    # As the stack's decode worker: its default, "auto", stores the fp32 tiny model's cache in fp16.
+    return tiny_engine("llama", kv_dtype="auto")
 
 
 def local_tokens(engine, text, max_tokens):

@@ -8,8 +8,8 @@ import pytest
 from router.client import SnapKVClient
 from snapkv.cli_services import LocalStack
 from snapkv.config import CompressionConfig, SamplingParams
-from snapkv.engine import Request
-from snapkv.model import DEFAULT_MODEL
+from snapkv.engine import Engine, Request
+from snapkv.model import DEFAULT_MODEL, load_model
 from snapkv.text import prompt_ids
 
 pytestmark = pytest.mark.real_model
@@ -25,6 +25,12 @@ def document_prompt():
 
 
 @pytest.fixture(scope="module")
+def local_engine():
+    # As the stack's decode worker: its default, "auto", stores the fp32 model's cache in fp16.
+    return Engine(load_model(), kv_dtype="auto")
+
+
+@pytest.fixture(scope="module")
 def stack():
     with LocalStack(DEFAULT_MODEL) as running:
         running.start(timeout_s=600)
@@ -37,10 +43,10 @@ def served(stack, text, wire_dtype):
     return [token for item in items[:-1] for token in item.token_ids], items[-1]
 
 
-def test_fp16_wire_matches_local(stack, real_engine, document_prompt):
-    ids = tuple(prompt_ids(real_engine.tokenizer, document_prompt))
+def test_fp16_wire_matches_local(stack, local_engine, document_prompt):
+    ids = tuple(prompt_ids(local_engine.tokenizer, document_prompt))
     request = Request("local", ids, SamplingParams(max_tokens=MAX_TOKENS), CompressionConfig(budget=BUDGET))
-    expected = [event.token_id for event in real_engine.generate([request])]
+    expected = [event.token_id for event in local_engine.generate([request])]
 
     tokens, summary = served(stack, document_prompt, "fp16")
     assert tokens == expected
@@ -52,7 +58,7 @@ def test_fp16_wire_matches_local(stack, real_engine, document_prompt):
     assert payload <= summary.kv_bytes_sent < payload * 1.01
 
 
-def test_int8_wire_agreement(stack, real_engine, document_prompt):
+def test_int8_wire_agreement(stack, document_prompt):
     # int8 rounding may change a near-tie late in the answer; measured on this prompt, the first 32
     # greedy tokens all agree. We require the first 16 to.
     reference, _ = served(stack, document_prompt, "fp16")

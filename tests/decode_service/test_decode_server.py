@@ -13,7 +13,7 @@ from torch._dynamo.utils import counters
 
 from decode_service.metrics import DecodeMetrics
 from decode_service.server import serve
-from snapkv.config import CompressionConfig, SamplingParams
+from snapkv.config import CompressionConfig, SamplingParams, head_dim
 from snapkv.engine import Request
 from snapkv.messages import model_fingerprint
 from snapkv.proto import serving_pb2 as pb
@@ -118,6 +118,32 @@ def test_eight_concurrent_streams_batched(run):
     assert steps > 0
     assert single < steps
     assert registry.get_sample_value("snapkv_decode_generated_tokens_total", labels) == sum(len(t) - 1 for t in expected)
+
+
+def test_worker_with_fp16_cache(run):
+    # A worker that stores caches in fp16 rebuilds the fp32 wire payload in fp16, reserves 2 bytes a
+    # value for it, and streams what the same engine generates in process.
+    engine = tiny_engine(kv_dtype=torch.float16)
+    config = engine.model.config
+    request = Request("h", prompt(200, 2), SamplingParams(max_tokens=30), SMALL)
+    expected = [event.token_id for event in engine.generate([request])]
+
+    async def scenario():
+        server, servicer, channel, stub = await start(engine)
+        try:
+            _, header, chunks = encoded(engine, request)
+            loaded = await stub.LoadKV(load_kv_requests(header, chunks))
+            per_position = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim(config) * 2
+            assert servicer.memory.reserved_bytes == (SMALL.budget + 30) * per_position
+            tokens = [header.first_token_id]
+            async for event in stub.Stream(pb.StreamRequest(handle=loaded.handle)):
+                tokens.extend(event.token_ids)
+            await wait_until(lambda: servicer.memory.reserved_bytes == 0)
+            return tokens
+        finally:
+            await stop(server, servicer, channel)
+
+    assert run(scenario()) == expected
 
 
 def test_compiled_worker_compiles_before_serving(run, fresh_compiler):

@@ -1,11 +1,11 @@
-"""The TLS and token flags: incomplete combinations and unreadable files fail at once, with one line
-naming the flag or the file, before any model loads."""
-
-import argparse
+"""Command-line options. The TLS and token flags: incomplete combinations and unreadable files fail at
+once, with one line naming the flag or the file, before any model loads. Also the options `up` passes
+to its services, and the decode worker's cache dtype."""
 
 import pytest
+import torch
 
-from snapkv import cli
+from snapkv import cli, cli_services
 from snapkv.cli_security import apply_options, read_token_file
 from snapkv.transport import ChannelTLS, ServerTLS
 from tests.security.certs import make_authority, make_leaf
@@ -124,8 +124,6 @@ def test_token_file_beats_variable(monkeypatch, tmp_path):
 
 def up_stack(monkeypatch, options):
     """Return the LocalStack that `up` builds with these options, stopped before any process starts."""
-    from snapkv import cli_services
-
     stacks = []
 
     class RecordingStack(cli_services.LocalStack):
@@ -146,6 +144,26 @@ def test_up_passes_compile_flag_to_decode(monkeypatch):
     assert "--compile-decode" not in plain.commands["decode"]
     assert "--compile-decode" in compiled.commands["decode"]
     assert "--compile-decode" not in compiled.commands["prefill"] + compiled.commands["router"]
+
+
+def test_up_passes_kv_dtype_to_decode(monkeypatch):
+    def kv_dtype(command):
+        return command[command.index("--kv-dtype") + 1]
+
+    assert kv_dtype(up_stack(monkeypatch, []).commands["decode"]) == "auto"
+    commands = up_stack(monkeypatch, ["--kv-dtype", "float16"]).commands
+    assert kv_dtype(commands["decode"]) == "float16"
+    assert "--kv-dtype" not in commands["prefill"] + commands["router"]
+
+
+@pytest.mark.parametrize(
+    ("option", "expected"),
+    [([], torch.float16), (["--kv-dtype", "model"], torch.float32), (["--kv-dtype", "bfloat16"], torch.bfloat16)],
+)
+def test_decode_kv_dtype_option(option, expected):
+    # tiny-llama is an fp32 Llama model, so "auto", the default, stores its cache in fp16.
+    engine = cli_services.decode_engine(parse(["decode", "--model", "tiny-llama", "--device", "cpu", *option]))
+    assert engine.kv_dtype == expected
 
 
 def test_up_passes_token_file_to_router(tmp_path, monkeypatch):

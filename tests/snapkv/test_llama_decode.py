@@ -73,6 +73,55 @@ def test_same_greedy_tokens_for_both_paths(attn_implementation):
     assert paths["llama"] == paths["generic"]
 
 
+@pytest.mark.parametrize("family", sorted(FAMILY_SHAPES))
+@pytest.mark.parametrize("kv_dtype", [torch.float16, torch.bfloat16])
+def test_narrow_cache_dtype(family, kv_dtype):
+    # The same steps as the generic forward on an fp32 cache, with keys and values stored in `kv_dtype`:
+    # the logits differ by that dtype's rounding only, and the cache stores `kv_dtype`.
+    engine = Engine(tiny_model(family, **FAMILY_SHAPES[family]), kv_dtype=kv_dtype)
+    assert engine.kv_dtype == kv_dtype
+    lengths, compression = [70, 33, 120], CompressionConfig(window=8, budget=48, kernel=5)
+    requests = [
+        Request(str(seed), prompt(length, seed), SamplingParams(max_tokens=STEPS + 1), compression)
+        for seed, length in enumerate(lengths)
+    ]
+    caches = [result.cache for result in engine.prefill(requests)]
+    narrow = BatchCache(caches, STEPS + 1, kv_dtype)
+    reference = BatchCache(caches, STEPS + 1)
+    assert reference.dtype == torch.float32
+    for narrow_layer, layer in zip(narrow.layers, reference.layers):
+        assert torch.equal(narrow_layer.keys, layer.keys.to(kv_dtype))
+        assert torch.equal(narrow_layer.values, layer.values.to(kv_dtype))
+    tokens = torch.randint(0, 256, (STEPS, len(lengths)), generator=torch.Generator().manual_seed(5))
+    tolerance = 2e-3 if kv_dtype == torch.float16 else 2e-2
+    for step_tokens in tokens:
+        logits = engine.decode_step(narrow, step_tokens)
+        expected = engine.forward_step(reference, step_tokens).float()
+        reference.advance()
+        torch.testing.assert_close(logits, expected, rtol=0, atol=tolerance)
+    # Each step wrote its keys and values into the narrow cache, close to the reference's.
+    for narrow_layer, layer in zip(narrow.layers, reference.layers):
+        assert narrow_layer.keys.dtype == narrow_layer.values.dtype == kv_dtype
+        torch.testing.assert_close(narrow_layer.keys.float(), layer.keys, rtol=0, atol=tolerance * 10)
+        torch.testing.assert_close(narrow_layer.values.float(), layer.values, rtol=0, atol=tolerance * 10)
+
+
+def test_narrow_cache_needs_the_llama_step():
+    def engine(**options):
+        return Engine(tiny_model("llama", **FAMILY_SHAPES["llama"]), **options)
+
+    with pytest.raises(ValueError, match="invalid kv_dtype=torch.float16: .*llama_decode=False"):
+        engine(llama_decode=False, kv_dtype=torch.float16)
+    with pytest.raises(ValueError, match="invalid kv_dtype=torch.int8: expected a floating-point dtype"):
+        engine(kv_dtype=torch.int8)
+    with pytest.raises(ValueError, match="invalid kv_dtype='fp16': expected a torch dtype, None or 'auto'"):
+        engine(kv_dtype="fp16")
+    # "auto": fp16 where the Llama step decodes an fp32 model, the model's dtype where it does not.
+    assert engine(kv_dtype="auto").kv_dtype == torch.float16
+    assert engine(kv_dtype="auto", llama_decode=False).kv_dtype == torch.float32
+    assert engine().kv_dtype == torch.float32
+
+
 def test_real_model_same_logits(real_engine):
     assert real_engine.decode_path == "llama"
     llama, generic = both_paths_logits(real_engine, [300, 180], CompressionConfig(window=16, budget=128, kernel=7))
@@ -107,6 +156,30 @@ def test_compiled_step_matches_without_recompiling(fresh_compiler, family, pack_
             compiled, generic = both_paths_logits(engine, lengths, compression)
             torch.testing.assert_close(compiled, generic, rtol=1e-4, atol=1e-4)
             assert torch.equal(compiled.argmax(-1), generic.argmax(-1))
+
+
+def test_compiled_step_with_fp16_cache_matches_eager(fresh_compiler):
+    # Real compilation with the cache in fp16: the same logits as the eager step on the same fp16
+    # caches, for a masked batch and a single row, and no compiling after the warm-up.
+    compiled = Engine(tiny_model("llama", **FAMILY_SHAPES["llama"]), compile_decode=True, kv_dtype=torch.float16)
+    eager = Engine(tiny_model("llama", **FAMILY_SHAPES["llama"]), kv_dtype=torch.float16)
+    compiled.warm_up_decode(batch_size=3, kept_positions=48)
+    compression = CompressionConfig(window=8, budget=48, kernel=5)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for lengths in ([70, 33, 120], [90]):
+            requests = [
+                Request(str(seed), prompt(length, seed), SamplingParams(max_tokens=STEPS + 1), compression)
+                for seed, length in enumerate(lengths)
+            ]
+            caches = [result.cache for result in eager.prefill(requests)]
+            compiled_cache = BatchCache(caches, STEPS + 1, torch.float16)
+            eager_cache = BatchCache(caches, STEPS + 1, torch.float16)
+            tokens = torch.randint(0, 256, (STEPS, len(lengths)), generator=torch.Generator().manual_seed(9))
+            for step_tokens in tokens:
+                torch.testing.assert_close(
+                    compiled.decode_step(compiled_cache, step_tokens), eager.decode_step(eager_cache, step_tokens),
+                    rtol=1e-3, atol=1e-3,
+                )
 
 
 def test_compile_needs_the_llama_step():
