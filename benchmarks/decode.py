@@ -7,17 +7,21 @@ Decode time depends on the cache's shape, not its values. So each case decodes f
 keys and values with the right shape and original positions, and no prefill runs. Both sides decode
 greedily and never stop early, and neither detokenizes.
 
+The engine stores its cache as the decode worker does by default: in fp16 for this fp32 model
+(`Engine(kv_dtype="auto")`). Transformers' caches are fp32.
+
 - Time per output token (batch 1) for prompts of 1K to 8K tokens: the engine with a SnapKV cache
   of `--budget` positions per KV head, and with the full prompt cache.
 - Tokens per second at batch 1, 4 and 8 on 4K-token prompts: the engine with a SnapKV cache, against
   `model.generate` with transformers' `DynamicCache` of the full prompt. A third case gives that
   `DynamicCache` the same compressed cache: the gain of compression alone, without the engine.
-  A fourth case runs the engine through the model's generic forward instead of `LlamaDecodeStep`, and
-  a fifth with `LlamaDecodeStep` compiled by torch.compile (`Engine(compile_decode=True)`), warmed up
-  before the rounds; its compile time is reported.
+  A fourth case keeps the engine's cache in fp32, a fifth runs that through the model's generic
+  forward instead of `LlamaDecodeStep`, and a sixth runs `LlamaDecodeStep` compiled by torch.compile
+  (`Engine(compile_decode=True)`), warmed up before the rounds; its compile time is reported.
   The cases take turns for three rounds (five in the full version), and each reports its median.
 - The bandwidth bound: each decode step reads every weight once and every cached key and value once,
-  so the step can take no less than those bytes divided by the measured read bandwidth.
+  so the step can take no less than those bytes divided by the measured read bandwidth. An fp16
+  cache halves the bytes of the keys and values, so its bound is lower.
 - The compute bound: a step also multiplies every row by every weight matrix, 2 x batch x weights
   floating-point operations, which take no less than that divided by the measured fp32 matmul rate.
 """
@@ -33,13 +37,15 @@ from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
 from benchmarks.common import markdown_table, progress, write_json
 from snapkv.config import head_dim
-from snapkv.engine import Engine
+from snapkv.engine import AUTO_KV_DTYPE, Engine
 from snapkv.kv_cache import BatchCache, PromptCache
 from snapkv.model import load_model
 
 
-EAGER = "engine, SnapKV cache"
-COMPILED = "engine, compiled step, SnapKV cache"
+# The engine's rows. The decode worker's default (`--kv-dtype auto`) stores the fp32 model's cache in fp16.
+EAGER = "engine, SnapKV cache in fp16"
+EAGER_FP32 = "engine, SnapKV cache in fp32"
+COMPILED = "engine, compiled step, SnapKV cache in fp16"
 
 # run()'s arguments for the quick and the full version.
 QUICK = dict(lengths=[1024, 8192], batches=[1, 8], budget=512, throughput_length=4096, steps=8, rounds=3)
@@ -58,10 +64,13 @@ def random_prompt(engine: Engine, kept: int, prompt_length: int, seed: int) -> P
     return PromptCache(torch.randn(shape, generator=generator), torch.randn(shape, generator=generator), prompt_length)
 
 
-def engine_step_seconds(engine: Engine, prompts: list[PromptCache], steps: int) -> float:
-    """Return the mean seconds of a greedy decode step over `steps` steps after one warm-up step."""
+def engine_step_seconds(
+    engine: Engine, prompts: list[PromptCache], steps: int, kv_dtype: torch.dtype | None = None
+) -> float:
+    """Return the mean seconds of a greedy decode step over `steps` steps after one warm-up step, with
+    the cache in `kv_dtype` (None: the engine's)."""
     # One position more than the steps write: a compiled step compiles again for a full cache.
-    cache = BatchCache(prompts, steps + 2)
+    cache = BatchCache(prompts, steps + 2, kv_dtype or engine.kv_dtype)
     tokens = torch.zeros(len(prompts), dtype=torch.long)
     tokens = engine.decode_step(cache, tokens).argmax(dim=-1)
     start = time.perf_counter()
@@ -152,20 +161,23 @@ def weight_bytes(engine: Engine) -> int:
     return total
 
 
-def kv_bytes(engine: Engine, batch: int, positions: int) -> int:
+def kv_bytes(engine: Engine, batch: int, positions: int, dtype: torch.dtype) -> int:
     num_layers, num_kv_heads, head_dim = model_shape(engine)
-    return 2 * batch * num_layers * num_kv_heads * positions * head_dim * 4
+    element_size = torch.empty((), dtype=dtype).element_size()
+    return 2 * batch * num_layers * num_kv_heads * positions * head_dim * element_size
 
 
 def run(lengths: list[int], batches: list[int], budget: int, throughput_length: int, steps: int, rounds: int) -> dict:
     loaded = load_model()
-    engine = Engine(loaded)
-    # The same modules (already packed) through the model's generic forward: what LlamaDecodeStep saves.
+    # The decode worker's cache dtype. Its rows name it, and the cases below pass fp32 where they need it.
+    engine = Engine(loaded, kv_dtype=AUTO_KV_DTYPE)
+    # The same modules (already packed) through the model's generic forward, which keeps the model's
+    # fp32. Against the fp32 row, it shows what LlamaDecodeStep saves.
     generic = Engine(loaded, llama_decode=False)
     # transformers runs its own copy of the model: the engine packs its linear layers' weights.
     plain_model = load_model().model
     # The compiled engine gets its own copy: an engine on the copy above would find its layers packed and join none.
-    compiled = Engine(load_model(), compile_decode=True)
+    compiled = Engine(load_model(), compile_decode=True, kv_dtype=AUTO_KV_DTYPE)
     progress("decode: compiling the decode step (a few minutes on a 2-core CPU) ...")
     start = time.perf_counter()
     compiled.warm_up_decode(max(batches), budget)
@@ -193,26 +205,29 @@ def run(lengths: list[int], batches: list[int], budget: int, throughput_length: 
     throughput = []
     for batch in batches:
         prompts = [random_prompt(engine, budget, throughput_length, seed) for seed in range(batch)]
+        fp32 = torch.float32
+        # variant: (measure, cached positions, dtype of the cached keys and values)
         cases = {
-            EAGER: (lambda: engine_step_seconds(engine, prompts, steps), budget),
-            "engine with the generic forward, SnapKV cache": (
-                lambda: engine_step_seconds(generic, prompts, steps), budget),
-            COMPILED: (lambda: engine_step_seconds(compiled, prompts, steps), budget),
+            EAGER: (lambda: engine_step_seconds(engine, prompts, steps), budget, engine.kv_dtype),
+            EAGER_FP32: (lambda: engine_step_seconds(engine, prompts, steps, fp32), budget, fp32),
+            "engine with the generic forward, SnapKV cache in fp32": (
+                lambda: engine_step_seconds(generic, prompts, steps), budget, fp32),
+            COMPILED: (lambda: engine_step_seconds(compiled, prompts, steps), budget, compiled.kv_dtype),
             "transformers generate, full DynamicCache": (
                 lambda: transformers_step_seconds(engine, plain_model, batch, throughput_length, steps),
-                throughput_length),
+                throughput_length, fp32),
             "transformers generate, compressed DynamicCache": (
-                lambda: transformers_step_seconds(engine, plain_model, batch, budget, steps), budget),
+                lambda: transformers_step_seconds(engine, plain_model, batch, budget, steps), budget, fp32),
         }
         samples: dict[str, list[float]] = {variant: [] for variant in cases}
         for round_index in range(rounds):
-            for variant, (measure, _) in cases.items():
+            for variant, (measure, _, _) in cases.items():
                 samples[variant].append(measure())
             progress(f"decode: batch {batch}, round {round_index + 1} of {rounds}: " + ", ".join(
                 f"{variant} {times[-1] * 1e3:.1f} ms" for variant, times in samples.items()))
-        for variant, (_, positions) in cases.items():
+        for variant, (_, positions, dtype) in cases.items():
             seconds = statistics.median(samples[variant])
-            bound = (weights + kv_bytes(engine, batch, positions)) / bandwidth
+            bound = (weights + kv_bytes(engine, batch, positions, dtype)) / bandwidth
             compute_bound = linear_flops(engine, batch) / flop_rate
             throughput.append({
                 "batch": batch, "variant": variant, "positions": positions, "step_seconds": seconds,
@@ -253,7 +268,7 @@ def summarize(result: dict) -> str:
         by_batch.setdefault(r["batch"], {})[r["variant"]] = r
     for batch, variants in sorted(by_batch.items()):
         full = variants["transformers generate, full DynamicCache"]
-        for name, variant in (("engine", EAGER), ("compiled engine", COMPILED)):
+        for name, variant in (("engine", EAGER), ("engine with an fp32 cache", EAGER_FP32), ("compiled engine", COMPILED)):
             if variant not in variants:  # results from before the compiled step existed
                 continue
             ours = variants[variant]

@@ -47,6 +47,7 @@ from snapkv.model import DEFAULT_MODEL, converted_folder, load_model
 
 METHODS = ("snapkv", "sinks_recent", "random")
 BASELINES = METHODS[1:]  # the methods SnapKV is compared with, prefix by prefix
+KV_DTYPES = ("float32", "float16", "bfloat16")
 KVPRESS_SCRIPT = Path(__file__).with_name("kvpress_quality.py")
 
 
@@ -71,6 +72,8 @@ class Settings:
     kernel: int = CompressionConfig.kernel
     pooling: str = CompressionConfig.pooling
     gqa_reduction: str = CompressionConfig.gqa_reduction
+    # The dtype decoding stores keys and values in (`Engine.kv_dtype`).
+    kv_dtype: str = "float32"
 
 
 QUICK = Settings(
@@ -228,11 +231,14 @@ def parse_settings() -> tuple[argparse.Namespace, Settings]:
     parser.add_argument("--pooling", choices=POOLING_KINDS, default=CompressionConfig.pooling, help="SnapKV pooling")
     parser.add_argument("--gqa-reduction", choices=GQA_REDUCTIONS, default=CompressionConfig.gqa_reduction,
                         help="how SnapKV merges the scores of the query heads that share a KV head")
+    parser.add_argument("--kv-dtype", choices=KV_DTYPES, default=Settings.kv_dtype,
+                        help="dtype the decode cache stores keys and values in")
     args = parser.parse_args()
 
     settings = replace(
         QUICK if args.quick else Settings(),
         window=args.window, kernel=args.kernel, pooling=args.pooling, gqa_reduction=args.gqa_reduction,
+        kv_dtype=args.kv_dtype,
     )
     if args.needles_per_cell is not None:
         if args.needles_per_cell < 1:
@@ -274,7 +280,7 @@ def main() -> None:
         return
 
     started = time.perf_counter()
-    engine = Engine(load_model())
+    engine = Engine(load_model(), kv_dtype=getattr(torch, settings.kv_dtype))
     cases = needle_cases(engine.tokenizer, list(settings.needle_lengths), list(settings.depths), settings.needles_per_cell)
     needle = run_needles(engine, cases, settings)
     nll, agreement = run_documents(engine, settings)

@@ -116,7 +116,7 @@ def teacher_forced_nll(engine: Engine, results: list[PrefillResult], targets: tu
     The first target is scored from the prefill logits, which are the same for every row.
     """
     rows = len(results)
-    cache = BatchCache([r.cache for r in results], max_new_tokens=len(targets))
+    cache = BatchCache([r.cache for r in results], len(targets), engine.kv_dtype)
     logits = torch.stack([r.logits for r in results])  # [rows, vocab_size]
     nll = torch.empty(rows, len(targets))
     for step, target in enumerate(targets):
@@ -130,7 +130,7 @@ def teacher_forced_nll(engine: Engine, results: list[PrefillResult], targets: tu
 def greedy_tokens(engine: Engine, results: list[PrefillResult], num_tokens: int) -> torch.Tensor:
     """Decode `num_tokens` greedy tokens per row, ignoring stop tokens; return them as [rows, num_tokens]."""
     rows = len(results)
-    cache = BatchCache([r.cache for r in results], max_new_tokens=num_tokens)
+    cache = BatchCache([r.cache for r in results], num_tokens, engine.kv_dtype)
     tokens = torch.empty(rows, num_tokens, dtype=torch.long)
     tokens[:, 0] = torch.tensor([r.first_token for r in results])
     for step in range(1, num_tokens):

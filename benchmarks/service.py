@@ -2,6 +2,7 @@
 and decode on loopback, against the same request run in this process.
 
     .venv/bin/python -m benchmarks.service [--tokens 4096] [--budget 1024] [--max-tokens 32] [--repeats 3]
+        [--kv-dtype auto]
 
 Both sides run one greedy request on the embedded model with the same prompt (the shipped GPL-2 text
 cut to `--tokens` tokens) and produce the same tokens. Times are taken where the client sees them:
@@ -23,7 +24,8 @@ import torch
 
 from benchmarks.common import document_ids, markdown_table, progress, write_json
 from router.client import Delta, SnapKVClient
-from snapkv.cli_services import LocalStack, split_cores
+from snapkv.cli import KV_DTYPES
+from snapkv.cli_services import LocalStack, engine_kv_dtype, split_cores
 from snapkv.config import CompressionConfig, SamplingParams
 from snapkv.engine import Engine, Request
 from snapkv.model import DEFAULT_MODEL, load_model
@@ -53,9 +55,12 @@ def in_process(engine: Engine, ids: list[int], budget: int, max_tokens: int, rep
     return medians(runs)
 
 
-def through_services(text: str, budget: int, max_tokens: int, decode_threads: int, compiled: bool, repeats: int) -> dict:
+def through_services(
+    text: str, budget: int, max_tokens: int, decode_threads: int, compiled: bool, repeats: int, kv_dtype: str
+) -> dict:
     """Start the stack once and send the request `repeats` times, one after another."""
-    decode_options = ("--threads", str(decode_threads)) + (("--compile-decode",) if compiled else ())
+    decode_options = ("--threads", str(decode_threads), "--kv-dtype", kv_dtype)
+    decode_options += ("--compile-decode",) if compiled else ()
     runs = []
     with LocalStack(DEFAULT_MODEL, decode_options=decode_options) as stack:
         stack.start()
@@ -70,7 +75,8 @@ def through_services(text: str, budget: int, max_tokens: int, decode_threads: in
     return {**medians(runs), "decode_threads": decode_threads, "compiled": compiled}
 
 
-def run(num_tokens: int, budget: int, max_tokens: int, repeats: int) -> dict:
+def run(num_tokens: int, budget: int, max_tokens: int, repeats: int, kv_dtype: str = "auto") -> dict:
+    """Measure every variant; `kv_dtype` is the decode worker's --kv-dtype, which the in-process engine follows."""
     loaded = load_model()
     ids = document_ids(loaded.tokenizer, num_tokens)
     # The services tokenize text, so the prompt is the text of these ids; re-encoding may change the count.
@@ -81,7 +87,7 @@ def run(num_tokens: int, budget: int, max_tokens: int, repeats: int) -> dict:
     for compiled in (False, True):
         step = ", compiled step" if compiled else ""
         # The compiled engine gets a copy of its own: the first engine packed the linear layers of `loaded`.
-        engine = Engine(load_model() if compiled else loaded, compile_decode=compiled)
+        engine = Engine(load_model() if compiled else loaded, compile_decode=compiled, kv_dtype=engine_kv_dtype(kv_dtype))
         if compiled:
             progress("service: compiling the in-process decode step ...")
             engine.warm_up_decode()
@@ -94,10 +100,12 @@ def run(num_tokens: int, budget: int, max_tokens: int, repeats: int) -> dict:
             variants.insert(0, ("services, cores split as by `up`", split_cores(threads)[0]))
         for label, decode_threads in variants:
             progress(f"service: {label}{step} ({decode_threads} decode threads) ...")
-            rows.append({"variant": label + step, **through_services(text, budget, max_tokens, decode_threads, compiled, repeats)})
+            measured = through_services(text, budget, max_tokens, decode_threads, compiled, repeats, kv_dtype)
+            rows.append({"variant": label + step, **measured})
     for row in rows:
         progress(f"service: {row['variant']}: TTFT {row['ttft_s']:.2f} s, TPOT {row['tpot_s'] * 1e3:.1f} ms")
-    return {"prompt_tokens": len(ids), "budget": budget, "max_tokens": max_tokens, "repeats": repeats, "rows": rows}
+    return {"prompt_tokens": len(ids), "budget": budget, "max_tokens": max_tokens, "repeats": repeats,
+            "kv_dtype": kv_dtype, "rows": rows}
 
 
 def summarize(result: dict) -> str:
@@ -113,7 +121,8 @@ def summarize(result: dict) -> str:
         [[r["variant"], r["decode_threads"], r["ttft_s"], r["ttft_s"] / base(r)["ttft_s"], r["tpot_s"] * 1e3,
           r["tpot_s"] / base(r)["tpot_s"], r["tokens"]] for r in result["rows"]],
     )
-    lines = [table, ""]
+    # Results from before the option have no "kv_dtype": their caches were in the model's dtype.
+    lines = [table, "", f"- decode caches: --kv-dtype {result.get('kv_dtype', 'model')} on both sides"]
     for compiled, in_process_row in bases.items():
         services = [r for r in result["rows"] if r.get("compiled", False) == compiled and r is not in_process_row]
         best = min(services, key=lambda r: r["tpot_s"])
@@ -129,8 +138,10 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=1024)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3, help="requests per variant; the table shows medians")
+    parser.add_argument("--kv-dtype", choices=KV_DTYPES, default="auto",
+                        help="the decode worker's --kv-dtype; the in-process engine stores its cache alike")
     args = parser.parse_args()
-    result = run(args.tokens, args.budget, args.max_tokens, args.repeats)
+    result = run(args.tokens, args.budget, args.max_tokens, args.repeats, args.kv_dtype)
     print(summarize(result))
     progress(f"wrote {write_json('service', result)}")
 
