@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch._inductor.utils
 
 from snapkv.engine import Engine
 from snapkv.tiny_models import tiny_model
@@ -23,10 +24,14 @@ def tiny_engine(family: str = "llama", attn_implementation: str = "sdpa", seed: 
 @pytest.fixture
 def fresh_compiler():
     """torch.compile's caches start empty and end empty. A process serves one engine, but tests build
-    many, and torch.compile compiles one function for a bounded number of them."""
+    many, and torch.compile compiles one function for a bounded number of them. Inductor's in-memory
+    code caches are cleared too: they keep a kernel whose build failed, and a later test that
+    generates the same kernel source would get that failure again."""
     torch._dynamo.reset()
+    torch._inductor.utils.clear_caches()
     yield
     torch._dynamo.reset()
+    torch._inductor.utils.clear_caches()
 
 
 @pytest.fixture(scope="session")
