@@ -240,7 +240,8 @@ def run(lengths: list[int], batches: list[int], budget: int, throughput_length: 
     return {
         "budget": budget, "throughput_prompt_tokens": throughput_length, "steps": steps, "rounds": rounds,
         "read_bandwidth_bytes_per_second": bandwidth, "matmul_flops_per_second": flop_rate, "weight_bytes": weights,
-        "compile_seconds": compile_seconds, "tpot": tpot, "throughput": throughput,
+        "compile_seconds": compile_seconds, "tpot_kv_dtype": str(engine.kv_dtype).removeprefix("torch."),
+        "tpot": tpot, "throughput": throughput,
     }
 
 
@@ -256,7 +257,9 @@ def summarize(result: dict) -> str:
           r["bound_seconds"] * 1e3, r["x_bound"], r["compute_bound_seconds"] * 1e3, r["x_roofline"]]
          for r in result["throughput"]],
     )
-    lines = [tpot, "", throughput, ""]
+    # Results from before fp16 caches have no "tpot_kv_dtype": their TPOT rows used fp32 caches.
+    lines = [f"TPOT by prompt length: the eager step, cache in {result.get('tpot_kv_dtype', 'float32')}", "", tpot, "",
+             throughput, ""]
     snapkv = {r["prompt_tokens"]: r["seconds"] for r in result["tpot"] if r["cache"] == "snapkv"}
     if snapkv:
         longest, shortest = max(snapkv), min(snapkv)
@@ -276,7 +279,7 @@ def summarize(result: dict) -> str:
             lines.append(
                 f"- batch {batch}: {name} {speedup:.2f}x transformers' full-cache tokens/s"
                 + (f" (target at batch 8: at least 6x): {'met' if speedup >= 6 else 'missed'}" if batch == 8 else "")
-                + f"; step {ours['x_bound']:.1f}x the bandwidth bound (target: at most 2x): "
+                + f"; step {ours['x_bound']:.3f}x the bandwidth bound (target: at most 2x): "
                 f"{'met' if ours['x_bound'] <= 2 else 'missed'}; {ours['x_roofline']:.1f}x the larger of the "
                 "bandwidth and compute bounds"
             )

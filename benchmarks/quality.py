@@ -41,13 +41,13 @@ from benchmarks import quality_report
 from benchmarks.common import machine
 from benchmarks.quality_engine import generate_texts, greedy_tokens, prefill_results, prefill_states, teacher_forced_nll
 from benchmarks.quality_tasks import NeedleCase, document_cases, needle_cases
+from snapkv.cli_services import engine_kv_dtype
 from snapkv.config import GQA_REDUCTIONS, POOLING_KINDS, CompressionConfig, SamplingParams
 from snapkv.engine import Engine
 from snapkv.model import DEFAULT_MODEL, converted_folder, load_model
 
 METHODS = ("snapkv", "sinks_recent", "random")
 BASELINES = METHODS[1:]  # the methods SnapKV is compared with, prefix by prefix
-KV_DTYPES = ("float32", "float16", "bfloat16")
 KVPRESS_SCRIPT = Path(__file__).with_name("kvpress_quality.py")
 
 
@@ -73,7 +73,7 @@ class Settings:
     pooling: str = CompressionConfig.pooling
     gqa_reduction: str = CompressionConfig.gqa_reduction
     # The dtype decoding stores keys and values in (`Engine.kv_dtype`).
-    kv_dtype: str = "float32"
+    kv_dtype: str = "fp32"
 
 
 QUICK = Settings(
@@ -231,7 +231,7 @@ def parse_settings() -> tuple[argparse.Namespace, Settings]:
     parser.add_argument("--pooling", choices=POOLING_KINDS, default=CompressionConfig.pooling, help="SnapKV pooling")
     parser.add_argument("--gqa-reduction", choices=GQA_REDUCTIONS, default=CompressionConfig.gqa_reduction,
                         help="how SnapKV merges the scores of the query heads that share a KV head")
-    parser.add_argument("--kv-dtype", choices=KV_DTYPES, default=Settings.kv_dtype,
+    parser.add_argument("--kv-dtype", choices=("fp32", "fp16", "bf16"), default=Settings.kv_dtype,
                         help="dtype the decode cache stores keys and values in")
     args = parser.parse_args()
 
@@ -280,7 +280,7 @@ def main() -> None:
         return
 
     started = time.perf_counter()
-    engine = Engine(load_model(), kv_dtype=getattr(torch, settings.kv_dtype))
+    engine = Engine(load_model(), kv_dtype=engine_kv_dtype(settings.kv_dtype))
     cases = needle_cases(engine.tokenizer, list(settings.needle_lengths), list(settings.depths), settings.needles_per_cell)
     needle = run_needles(engine, cases, settings)
     nll, agreement = run_documents(engine, settings)

@@ -122,12 +122,12 @@ def summarize(result: dict) -> str:
           r["tpot_s"] / base(r)["tpot_s"], r["tokens"]] for r in result["rows"]],
     )
     # Results from before the option have no "kv_dtype": their caches were in the model's dtype.
-    lines = [table, "", f"- decode caches: --kv-dtype {result.get('kv_dtype', 'model')} on both sides"]
+    lines = [table, "", f"- decode caches: --kv-dtype {result.get('kv_dtype', 'model')}, in process and through the services"]
     for compiled, in_process_row in bases.items():
         services = [r for r in result["rows"] if r.get("compiled", False) == compiled and r is not in_process_row]
         best = min(services, key=lambda r: r["tpot_s"])
         ratio = best["tpot_s"] / in_process_row["tpot_s"]
-        lines.append(f"- service TPOT / in-process TPOT: {ratio:.2f}x ({best['variant']}; target: at most 1.05x): "
+        lines.append(f"- service TPOT / in-process TPOT: {ratio:.3f}x ({best['variant']}; target: at most 1.05x): "
                      f"{'met' if ratio <= 1.05 else 'missed'}")
     return "\n".join(lines)
 

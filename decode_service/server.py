@@ -229,9 +229,10 @@ async def serve(
         await start_health_server(health_server, server)
     servicer.lease_task = asyncio.create_task(expire_leases(loaded, min(1.0, lease_s / 4), metrics))
     logger.info(
-        "decode worker serving %s on port %d: kv budget %d bytes, lease %.1f s, max batch %d, "
+        "decode worker serving %s on port %d: kv budget %d bytes, kv dtype %s, lease %.1f s, max batch %d, "
         "TLS %s, client certificates %s",
-        engine.name, port, kv_budget_bytes, lease_s, max_batch_size, "on" if tls else "off",
+        engine.name, port, kv_budget_bytes, str(engine.kv_dtype).removeprefix("torch."), lease_s, max_batch_size,
+        "on" if tls else "off",
         "required" if tls and tls.client_ca_file else "not required",
     )
     return server, port, servicer

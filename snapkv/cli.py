@@ -23,10 +23,10 @@ CACHE_DIR_VARIABLE = "SNAPKV_CACHE_DIR"
 AUTH_TOKEN_VARIABLE = "SNAPKV_AUTH_TOKEN"  # read by `generate --target` when --auth-token-file is not given
 DEFAULT_MODEL_SPEC = "embedded:smollm2-135m-instruct"  # snapkv.model.DEFAULT_MODEL, without importing torch
 WIRE_DTYPES = ("fp16", "bf16", "int8", "fp32")
-# --kv-dtype's choices: "auto" is snapkv.engine.AUTO_KV_DTYPE, "model" the model's own dtype.
-KV_DTYPES = ("auto", "model", "float16", "bfloat16", "float32")
+# --kv-dtype's choices, spelled as --wire-dtype's: "auto" is snapkv.engine.AUTO_KV_DTYPE, "model" the model's dtype.
+KV_DTYPES = ("auto", "model", "fp16", "bf16", "fp32")
 KV_DTYPE_HELP = (
-    "dtype the decode cache stores keys and values in; 'auto' (default): float16 for an fp32 Llama, Mistral or "
+    "dtype the decode cache stores keys and values in; 'auto' (default): fp16 for an fp32 Llama, Mistral or "
     "Qwen2 model, which halves the cache's memory, else the model's dtype; 'model': the model's dtype"
 )
 

@@ -47,8 +47,8 @@ def engine_kv_dtype(name: str):
 
     from snapkv.engine import AUTO_KV_DTYPE
 
-    named = {"auto": AUTO_KV_DTYPE, "model": None}
-    return named[name] if name in named else getattr(torch, name)
+    arguments = {"auto": AUTO_KV_DTYPE, "model": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+    return arguments[name]
 
 
 def decode_engine(args: argparse.Namespace):

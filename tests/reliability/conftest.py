@@ -4,7 +4,7 @@ starts the variant with two prefill actors that `tests/prefill_retry` uses.
 
 The decode workers get small KV budgets (4 MiB and 1 MiB) so that admission control is easy to
 reach, and a 3 s lease so that an unstreamed cache is freed quickly. They store caches in fp32
-(`--kv-dtype float32`, where the default stores this fp32 model's in fp16), so that the sizes in these
+(`--kv-dtype fp32`, where the default stores this fp32 model's in fp16), so that the sizes in these
 tests are those of fp32 keys and values. Tests that kill a worker start it again before they end, so
 the next test finds the whole stack running.
 """
@@ -29,7 +29,7 @@ TINY = "tiny-llama"
 DECODE_WORKERS = ("decode", "decode-2")
 KV_BUDGET_MIB = {"decode": 4, "decode-2": 1}
 LEASE_S = 3.0
-# tiny-llama keeps 2 layers x 2 KV heads x head dim 16 in fp32 (`--kv-dtype float32`), for keys and
+# tiny-llama keeps 2 layers x 2 KV heads x head dim 16 in fp32 (`--kv-dtype fp32`), for keys and
 # values: 512 bytes per position.
 KV_BYTES_PER_POSITION = 2 * 2 * 2 * 16 * 4
 COMPRESSION = dict(budget=64, window=8, kernel=5)
@@ -48,7 +48,7 @@ def running_stack(prefill_actors: int) -> Iterator[LocalStack]:
         TINY,
         metrics_port=free_port(),
         num_decode_workers=len(DECODE_WORKERS),
-        decode_options=("--lease-s", str(LEASE_S), "--kv-dtype", "float32"),
+        decode_options=("--lease-s", str(LEASE_S), "--kv-dtype", "fp32"),
         service_options=options,
     )
     with running:

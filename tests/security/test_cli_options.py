@@ -151,14 +151,19 @@ def test_up_passes_kv_dtype_to_decode(monkeypatch):
         return command[command.index("--kv-dtype") + 1]
 
     assert kv_dtype(up_stack(monkeypatch, []).commands["decode"]) == "auto"
-    commands = up_stack(monkeypatch, ["--kv-dtype", "float16"]).commands
-    assert kv_dtype(commands["decode"]) == "float16"
+    commands = up_stack(monkeypatch, ["--kv-dtype", "fp16"]).commands
+    assert kv_dtype(commands["decode"]) == "fp16"
     assert "--kv-dtype" not in commands["prefill"] + commands["router"]
 
 
 @pytest.mark.parametrize(
     ("option", "expected"),
-    [([], torch.float16), (["--kv-dtype", "model"], torch.float32), (["--kv-dtype", "bfloat16"], torch.bfloat16)],
+    [
+        ([], torch.float16),
+        (["--kv-dtype", "model"], torch.float32),
+        (["--kv-dtype", "bf16"], torch.bfloat16),
+        (["--kv-dtype", "fp32"], torch.float32),
+    ],
 )
 def test_decode_kv_dtype_option(option, expected):
     # tiny-llama is an fp32 Llama model, so "auto", the default, stores its cache in fp16.
