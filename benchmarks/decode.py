@@ -36,7 +36,7 @@ import torch
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
 from benchmarks.common import markdown_table, progress, write_json
-from snapkv.config import head_dim
+from snapkv.config import dtype_name, head_dim
 from snapkv.engine import AUTO_KV_DTYPE, Engine
 from snapkv.kv_cache import BatchCache, PromptCache
 from snapkv.model import load_model
@@ -163,8 +163,7 @@ def weight_bytes(engine: Engine) -> int:
 
 def kv_bytes(engine: Engine, batch: int, positions: int, dtype: torch.dtype) -> int:
     num_layers, num_kv_heads, head_dim = model_shape(engine)
-    element_size = torch.empty((), dtype=dtype).element_size()
-    return 2 * batch * num_layers * num_kv_heads * positions * head_dim * element_size
+    return 2 * batch * num_layers * num_kv_heads * positions * head_dim * dtype.itemsize
 
 
 def run(lengths: list[int], batches: list[int], budget: int, throughput_length: int, steps: int, rounds: int) -> dict:
@@ -240,7 +239,7 @@ def run(lengths: list[int], batches: list[int], budget: int, throughput_length: 
     return {
         "budget": budget, "throughput_prompt_tokens": throughput_length, "steps": steps, "rounds": rounds,
         "read_bandwidth_bytes_per_second": bandwidth, "matmul_flops_per_second": flop_rate, "weight_bytes": weights,
-        "compile_seconds": compile_seconds, "tpot_kv_dtype": str(engine.kv_dtype).removeprefix("torch."),
+        "compile_seconds": compile_seconds, "tpot_kv_dtype": dtype_name(engine.kv_dtype),
         "tpot": tpot, "throughput": throughput,
     }
 

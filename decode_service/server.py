@@ -15,14 +15,13 @@ import logging
 import time
 
 import grpc
-import torch
 
 from prometheus_client import CollectorRegistry
 
 from decode_service.metrics import DecodeMetrics
 from decode_service.scheduler import DecodeJob, DecodeScheduler, StepEvent
 from decode_service.worker import KVMemory, LoadedCaches
-from snapkv.config import head_dim
+from snapkv.config import dtype_name, head_dim
 from snapkv.engine import Engine
 from snapkv.messages import model_fingerprint
 from snapkv.proto import serving_pb2 as pb
@@ -42,8 +41,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Decode"].full_name
 def kv_bytes_per_token(engine: Engine) -> int:
     """Bytes one position takes in every layer's keys and values, in the dtype decoding stores them in."""
     config = engine.model.config
-    element_size = torch.empty((), dtype=engine.kv_dtype).element_size()
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim(config) * element_size
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim(config) * engine.kv_dtype.itemsize
 
 
 class DecodeServicer(pb_grpc.DecodeServicer):
@@ -231,7 +229,7 @@ async def serve(
     logger.info(
         "decode worker serving %s on port %d: kv budget %d bytes, kv dtype %s, lease %.1f s, max batch %d, "
         "TLS %s, client certificates %s",
-        engine.name, port, kv_budget_bytes, str(engine.kv_dtype).removeprefix("torch."), lease_s, max_batch_size,
+        engine.name, port, kv_budget_bytes, dtype_name(engine.kv_dtype), lease_s, max_batch_size,
         "on" if tls else "off",
         "required" if tls and tls.client_ca_file else "not required",
     )

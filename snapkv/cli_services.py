@@ -47,7 +47,9 @@ def engine_kv_dtype(name: str):
 
     from snapkv.engine import AUTO_KV_DTYPE
 
-    arguments = {"auto": AUTO_KV_DTYPE, "model": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+    arguments = {
+        "auto": AUTO_KV_DTYPE, "model": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
+    }
     return arguments[name]
 
 

@@ -126,6 +126,11 @@ class SamplingParams:
         return self.temperature == 0
 
 
+def dtype_name(dtype) -> str:
+    """Return a torch dtype's name without the module prefix: "float16" for torch.float16."""
+    return str(dtype).removeprefix("torch.")
+
+
 def head_dim(model_config) -> int:
     """Return the size of one attention head for a transformers model config."""
     return getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads

@@ -132,8 +132,8 @@ class Engine:
         if self.kv_dtype != self.model.dtype and self._llama_step is None:
             reason = unsupported_reason(self.model) or "llama_decode=False was given"
             raise ValueError(
-                f"invalid kv_dtype={kv_dtype}: a cache in another dtype than the model's ({self.model.dtype}) needs "
-                f"the Llama decode step, which is off ({reason})"
+                f"invalid kv_dtype={kv_dtype}: a cache dtype other than the model's ({self.model.dtype}) needs "
+                f"the Llama decode step, which is off ({reason}). Pass kv_dtype=None to keep the model's dtype."
             )
         self.num_layers = config.num_hidden_layers
         self.max_context = getattr(config, "max_position_embeddings", None)

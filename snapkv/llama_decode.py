@@ -23,8 +23,8 @@ Speed, SmolLM2-135M, 512 cached positions, full decode benchmark runs with fp32 
 AVX-512 machine: 35.5 ms per step against 42.3 ms for the generic forward at batch 1, and 48.3
 against 55.1 ms at batch 8. Compiled, 22.9 and 42.8 ms. On an Intel AVX-512 machine, compiled
 against eager: 28.0 against 41.3 ms at batch 1, and 54.5 against 64.6 ms at batch 8
-(docs/benchmarks/README.md, which also gives figures with fp16 caches). On the AVX2 machine measured before, an earlier version of this
-module gained less than that machine's noise.
+(docs/benchmarks/README.md, which also gives figures with fp16 caches). On the AVX2 machine measured
+before, an earlier version of this module gained less than that machine's noise.
 
 The logits are those of the generic forward to within float rounding, and the tests compare the two.
 """

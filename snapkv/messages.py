@@ -10,7 +10,7 @@ import dataclasses
 import json
 from typing import TYPE_CHECKING
 
-from snapkv.config import CompressionConfig, SamplingParams, head_dim
+from snapkv.config import CompressionConfig, SamplingParams, dtype_name, head_dim
 from snapkv.proto import serving_pb2 as pb
 
 if TYPE_CHECKING:  # the router uses this module without loading transformers and torch
@@ -104,7 +104,7 @@ def model_fingerprint(model: PreTrainedModel) -> pb.ModelFingerprint:
         num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
         head_dim=head_dim(config),
         rope=json.dumps(rope, sort_keys=True, separators=(",", ":"), default=str),
-        weights_dtype=str(model.dtype).removeprefix("torch."),
+        weights_dtype=dtype_name(model.dtype),
         vocab_size=config.vocab_size,
     )
 
