@@ -26,7 +26,7 @@ SECTIONS = {
     "decode": (decode.QUICK, decode.FULL),
     "prefill": (dict(lengths=[2048], budget=1024), dict(lengths=[2048, 4096, 8000], budget=1024)),
     "service": (dict(num_tokens=1024, budget=256, max_tokens=16, repeats=1),
-                dict(num_tokens=4096, budget=1024, max_tokens=64, repeats=3)),
+                dict(num_tokens=4096, budget=1024, max_tokens=64, repeats=5)),
     "memory": (dict(rounds=3), dict(rounds=12)),
 }
 PLOTS = {"wire": plots.wire, "decode": plots.decode, "prefill": plots.prefill, "service": plots.service,

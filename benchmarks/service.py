@@ -6,20 +6,28 @@ and decode on loopback, against the same request run in this process.
 
 Both sides run one greedy request on the embedded model with the same prompt (the shipped GPL-2 text
 cut to `--tokens` tokens) and produce the same tokens. Times are taken where the client sees them:
-first token from the start of the call, then the mean interval per token after the first. Each
-variant sends the request `--repeats` times, and the table shows the medians. The stack is
-measured twice: with `snapkv-serve up`'s split of the cores (decode gets a quarter, prefill all), and
-with decode given as many threads as the in-process run has. Then both sides run again with the
-compiled decode step (`Engine(compile_decode=True)`, `snapkv-serve decode --compile-decode`), each
-compiled before the requests. Each service row is compared with the in-process row of its kind of step.
+first token from the start of the call, then the mean interval per token after the first.
+
+The stack runs with decode given as many threads as this process has, first with the eager decode
+step, then with the compiled one (`Engine(compile_decode=True)`, `snapkv-serve decode
+--compile-decode`, both compiled before the requests). For each, the in-process request and the
+request through the services alternate `--repeats` times, and the table shows the medians. While the
+in-process request runs, every process of the stack (Ray's included) is stopped with SIGSTOP, so the
+in-process side has the machine to itself, as it would without the stack, and a drift in the
+machine's speed reaches both sides alike. A last stack uses `snapkv-serve up`'s split of the cores
+(decode gets a quarter, prefill all) and is compared with the eager in-process requests.
 """
+
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
+from collections.abc import Iterator
 
+import psutil
 import torch
 
 from benchmarks.common import document_ids, markdown_table, progress, write_json
@@ -45,34 +53,72 @@ def medians(runs: list[tuple[float, float, int]]) -> dict:
             "tokens": runs[0][2], "run_ttft_s": [run[0] for run in runs], "run_tpot_s": [run[1] for run in runs]}
 
 
-def in_process(engine: Engine, ids: list[int], budget: int, max_tokens: int, repeats: int) -> dict:
+@contextlib.contextmanager
+def stopped(stack: LocalStack) -> Iterator[None]:
+    """Stop every process of `stack` and their descendants (SIGSTOP) for the block; continue them after."""
+    processes = []
+    for child in stack.processes.values():
+        parent = psutil.Process(child.pid)
+        processes += [parent, *parent.children(recursive=True)]
+    for process in processes:
+        process.suspend()
+    try:
+        yield
+    finally:
+        for process in processes:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.resume()
+
+
+def in_process_once(engine: Engine, ids: list[int], budget: int, max_tokens: int) -> tuple[float, float, int]:
     request = Request("bench", tuple(ids), SamplingParams(max_tokens=max_tokens), CompressionConfig(budget=budget))
-    runs = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        arrivals = [(time.perf_counter(), 1) for _ in engine.generate([request])]
-        runs.append(timings(arrivals, start))
-    return medians(runs)
+    start = time.perf_counter()
+    arrivals = [(time.perf_counter(), 1) for _ in engine.generate([request])]
+    return timings(arrivals, start)
 
 
-def through_services(
-    text: str, budget: int, max_tokens: int, decode_threads: int, compiled: bool, repeats: int, kv_dtype: str
-) -> dict:
-    """Start the stack once and send the request `repeats` times, one after another."""
-    decode_options = ("--threads", str(decode_threads), "--kv-dtype", kv_dtype)
-    decode_options += ("--compile-decode",) if compiled else ()
-    runs = []
-    with LocalStack(DEFAULT_MODEL, decode_options=decode_options) as stack:
+def through_services_once(client: SnapKVClient, text: str, budget: int, max_tokens: int) -> tuple[float, float, int]:
+    start = time.perf_counter()
+    arrivals = []
+    for item in client.generate(text, max_tokens=max_tokens, budget=budget, raw=True, wire_dtype="fp16"):
+        if isinstance(item, Delta):
+            arrivals.append((time.perf_counter(), len(item.token_ids)))
+    return timings(arrivals, start)
+
+
+def stack_options(decode_threads: int, compiled: bool, kv_dtype: str) -> tuple[str, ...]:
+    return ("--threads", str(decode_threads), "--kv-dtype", kv_dtype) + (("--compile-decode",) if compiled else ())
+
+
+def measure_alternately(
+    engine: Engine, ids: list[int], text: str, budget: int, max_tokens: int, repeats: int, kv_dtype: str
+) -> tuple[dict, dict]:
+    """Start a stack like the engine (threads, step, cache dtype) and alternate the two sides' requests.
+
+    Return the in-process and the services' medians.
+    """
+    threads = torch.get_num_threads()
+    local, served = [], []
+    options = stack_options(threads, engine.compile_decode, kv_dtype)
+    with LocalStack(DEFAULT_MODEL, decode_options=options) as stack:
         stack.start()
         with SnapKVClient(stack.address("router"), timeout_s=900) as client:
-            for _ in range(repeats):
-                start = time.perf_counter()
-                arrivals = []
-                for item in client.generate(text, max_tokens=max_tokens, budget=budget, raw=True, wire_dtype="fp16"):
-                    if isinstance(item, Delta):
-                        arrivals.append((time.perf_counter(), len(item.token_ids)))
-                runs.append(timings(arrivals, start))
-    return {**medians(runs), "decode_threads": decode_threads, "compiled": compiled}
+            for repeat in range(1, repeats + 1):
+                progress(f"service: request {repeat} of {repeats} in process, then through the services ...")
+                with stopped(stack):
+                    local.append(in_process_once(engine, ids, budget, max_tokens))
+                served.append(through_services_once(client, text, budget, max_tokens))
+    return medians(local), medians(served)
+
+
+def measure_split_stack(text: str, budget: int, max_tokens: int, repeats: int, kv_dtype: str) -> dict:
+    """Measure the services alone with `up`'s split of the cores: `repeats` requests one after another."""
+    decode_threads = split_cores(torch.get_num_threads())[0]
+    with LocalStack(DEFAULT_MODEL, decode_options=stack_options(decode_threads, False, kv_dtype)) as stack:
+        stack.start()
+        with SnapKVClient(stack.address("router"), timeout_s=900) as client:
+            runs = [through_services_once(client, text, budget, max_tokens) for _ in range(repeats)]
+    return {**medians(runs), "decode_threads": decode_threads, "compiled": False}
 
 
 def run(num_tokens: int, budget: int, max_tokens: int, repeats: int, kv_dtype: str = "auto") -> dict:
@@ -91,21 +137,19 @@ def run(num_tokens: int, budget: int, max_tokens: int, repeats: int, kv_dtype: s
         if compiled:
             progress("service: compiling the in-process decode step ...")
             engine.warm_up_decode()
-        progress(f"service: in process{step}, {len(ids)} tokens, {threads} threads ...")
-        rows.append({"variant": f"in process{step}", **in_process(engine, ids, budget, max_tokens, repeats),
-                     "decode_threads": threads, "compiled": compiled})
+        progress(f"service: {len(ids)} tokens, {threads} threads{step}: starting the stack ...")
+        local, served = measure_alternately(engine, ids, text, budget, max_tokens, repeats, kv_dtype)
         del engine
-        variants = [("services, decode with all threads", threads)]
-        if not compiled:
-            variants.insert(0, ("services, cores split as by `up`", split_cores(threads)[0]))
-        for label, decode_threads in variants:
-            progress(f"service: {label}{step} ({decode_threads} decode threads) ...")
-            measured = through_services(text, budget, max_tokens, decode_threads, compiled, repeats, kv_dtype)
-            rows.append({"variant": label + step, **measured})
+        rows.append({"variant": f"in process{step}", **local, "decode_threads": threads, "compiled": compiled})
+        rows.append({"variant": f"services, decode with all threads{step}", **served, "decode_threads": threads,
+                     "compiled": compiled})
+    progress("service: services with the cores split as by `up` ...")
+    rows.insert(2, {"variant": "services, cores split as by `up`",
+                    **measure_split_stack(text, budget, max_tokens, repeats, kv_dtype)})
     for row in rows:
         progress(f"service: {row['variant']}: TTFT {row['ttft_s']:.2f} s, TPOT {row['tpot_s'] * 1e3:.1f} ms")
     return {"prompt_tokens": len(ids), "budget": budget, "max_tokens": max_tokens, "repeats": repeats,
-            "kv_dtype": kv_dtype, "rows": rows}
+            "kv_dtype": kv_dtype, "alternating": True, "rows": rows}
 
 
 def summarize(result: dict) -> str:
@@ -123,6 +167,9 @@ def summarize(result: dict) -> str:
     )
     # Results from before the option have no "kv_dtype": their caches were in the model's dtype.
     lines = [table, "", f"- decode caches: --kv-dtype {result.get('kv_dtype', 'model')}, in process and through the services"]
+    if result.get("alternating"):
+        lines.append(f"- medians of {result['repeats']} requests a variant; in-process and service requests alternated, "
+                     "with the stack stopped during the in-process ones")
     for compiled, in_process_row in bases.items():
         services = [r for r in result["rows"] if r.get("compiled", False) == compiled and r is not in_process_row]
         best = min(services, key=lambda r: r["tpot_s"])
