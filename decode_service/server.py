@@ -227,9 +227,10 @@ async def serve(
         await start_health_server(health_server, server)
     servicer.lease_task = asyncio.create_task(expire_leases(loaded, min(1.0, lease_s / 4), metrics))
     logger.info(
-        "decode worker serving %s on port %d: kv budget %d bytes, kv dtype %s, lease %.1f s, max batch %d, "
-        "TLS %s, client certificates %s",
-        engine.name, port, kv_budget_bytes, dtype_name(engine.kv_dtype), lease_s, max_batch_size,
+        "decode worker serving %s on port %d: kv budget %d bytes, kv dtype %s, decode weights %s, lease %.1f s, "
+        "max batch %d, TLS %s, client certificates %s",
+        engine.name, port, kv_budget_bytes, dtype_name(engine.kv_dtype), dtype_name(engine.decode_weight_dtype), lease_s,
+        max_batch_size,
         "on" if tls else "off",
         "required" if tls and tls.client_ca_file else "not required",
     )

@@ -53,6 +53,13 @@ def engine_kv_dtype(name: str):
     return arguments[name]
 
 
+def engine_weight_dtype(name: str):
+    """Return the `Engine` decode_weight_dtype argument for a --decode-weights choice: None ("model") or a torch dtype."""
+    import torch
+
+    return {"model": None, "fp32": None, "bf16": torch.bfloat16}[name]
+
+
 def decode_engine(args: argparse.Namespace):
     """Load the `decode` command's model onto its device; return its `Engine` with the decode options applied."""
     import torch
@@ -63,8 +70,12 @@ def decode_engine(args: argparse.Namespace):
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    kv_dtype = engine_kv_dtype(args.kv_dtype)
-    return Engine(resolve_model(args.model, args.cache_dir, device), compile_decode=args.compile_decode, kv_dtype=kv_dtype)
+    return Engine(
+        resolve_model(args.model, args.cache_dir, device),
+        compile_decode=args.compile_decode,
+        kv_dtype=engine_kv_dtype(args.kv_dtype),
+        decode_weight_dtype=engine_weight_dtype(args.decode_weights),
+    )
 
 
 def run_decode(args: argparse.Namespace) -> int:
@@ -301,7 +312,8 @@ def run_up(args: argparse.Namespace) -> int:
     router_options = [] if args.auth_token_file is None else ["--auth-token-file", str(args.auth_token_file)]
     stack = LocalStack(
         args.model, args.port, args.metrics_port, args.cache_dir, args.log_level,
-        decode_options=("--kv-dtype", args.kv_dtype) + (("--compile-decode",) if args.compile_decode else ()),
+        decode_options=("--kv-dtype", args.kv_dtype, "--decode-weights", args.decode_weights)
+        + (("--compile-decode",) if args.compile_decode else ()),
         service_options={"router": router_options},
     )
     with stack:

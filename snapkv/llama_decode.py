@@ -12,6 +12,9 @@ their weights are shared, not copied) with less of that work:
 - the cache's mask is built once per step, and only when rows differ in length;
 - with `join_projections`, q, k and v are one product and gate and up another, each with the weight
   of the RMSNorm before it folded in;
+- with `weight_dtype=torch.bfloat16` (which needs `join_projections`), the products of the decoder
+  layers read bf16 copies of their weights (`snapkv.packed_linear`), while the residual stream, the
+  norms, RoPE and the vocabulary projection stay in the model's dtype;
 - with `compile_step`, torch.compile turns the step into one graph of generated kernels and library
   calls, compiled once for each kind of step. On one row on a CPU, the linear layers other than the
   vocabulary projection become generated kernels too. They read the plain weights faster than
@@ -38,7 +41,7 @@ from transformers import PreTrainedModel
 
 from snapkv.config import head_dim
 from snapkv.kv_cache import BatchCache, write_step
-from snapkv.packed_linear import join_linears
+from snapkv.packed_linear import PackedLinear, join_linears
 
 # Families whose decoder layer is Llama's: pre-norm RMSNorm, RoPE on q and k, gated MLP. Qwen2 adds
 # biases to q, k and v, which its linear modules apply themselves.
@@ -83,12 +86,25 @@ def _linear(linear: nn.Module, states: torch.Tensor, generated: bool) -> torch.T
 class LlamaDecodeStep:
     """One decode step of a Llama-architecture causal LM over a `BatchCache`; see the module docstring."""
 
-    def __init__(self, model: PreTrainedModel, join_projections: bool = False, compile_step: bool = False):
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        join_projections: bool = False,
+        compile_step: bool = False,
+        weight_dtype: torch.dtype = torch.float32,
+    ):
         """`join_projections` computes q, k and v as one packed product, and gate and up as another
         (`snapkv.packed_linear.join_linears`). It needs oneDNN and an fp32 CPU model, and costs as
         much memory again as those weights (266 MiB measured for SmolLM2-135M). The weight of the
         RMSNorm before each joined product is folded into it, which changes the logits by float
         rounding only.
+
+        `weight_dtype` torch.bfloat16 computes the decoder layers' products with bf16 copies of their
+        weights: the joined ones, o_proj and down_proj (these two then apart from the model's, 70 MiB
+        for SmolLM2-135M, while the joined weights take 133 MiB instead of 266). It needs
+        `join_projections`. The vocabulary projection stays in the model's dtype: a bf16 product
+        would round the logits to bf16 (steps of 0.125 between 16 and 32). The model's own layers,
+        which prefill uses, are left as they are.
 
         `compile_step` runs the step through `torch.compile` (inductor, which needs a C++ compiler on
         CPUs): the operations between the linear layers and attention become a few generated kernels,
@@ -101,6 +117,12 @@ class LlamaDecodeStep:
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"the Llama decode step does not support this model: {reason}")
+        if weight_dtype != torch.float32 and not join_projections:
+            raise ValueError(
+                f"invalid weight_dtype={weight_dtype} without join_projections: the step packs its weights in "
+                "another dtype only with packed products (an fp32 CPU model and oneDNN). Pass join_projections=True "
+                "or weight_dtype=torch.float32."
+            )
         config = model.config
         self.model = model
         self.num_heads = config.num_attention_heads
@@ -110,6 +132,7 @@ class LlamaDecodeStep:
         # Query heads then KV heads: the heads RoPE rotates, at the front of a q/k/v projection.
         self.rotated_heads = self.num_heads + self.num_kv_heads
         self.group_size = self.num_heads // self.num_kv_heads
+        self.weight_dtype = weight_dtype
         self.qkv_proj: list[nn.Module] | None = None
         self.gate_up_proj: list[nn.Module] | None = None
         if join_projections:
@@ -117,13 +140,24 @@ class LlamaDecodeStep:
                 join_linears(
                     [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj],
                     input_scale=layer.input_layernorm.weight,
+                    dtype=weight_dtype,
                 )
                 for layer in self.layers
             ]
             self.gate_up_proj = [
-                join_linears([layer.mlp.gate_proj, layer.mlp.up_proj], input_scale=layer.post_attention_layernorm.weight)
+                join_linears(
+                    [layer.mlp.gate_proj, layer.mlp.up_proj],
+                    input_scale=layer.post_attention_layernorm.weight,
+                    dtype=weight_dtype,
+                )
                 for layer in self.layers
             ]
+        # o_proj and down_proj: the model's own layers, or copies packed in `weight_dtype`.
+        own = weight_dtype == torch.float32
+        self.o_proj = [layer.self_attn.o_proj if own else PackedLinear(layer.self_attn.o_proj, weight_dtype)
+                       for layer in self.layers]
+        self.down_proj = [layer.mlp.down_proj if own else PackedLinear(layer.mlp.down_proj, weight_dtype)
+                          for layer in self.layers]
         # Compile for any cache length and batch size (dynamic shapes): both change as sequences
         # decode, join and leave. By default (torch 2.13) dynamic compiling also traces the float
         # attributes of the modules (RMSNorm's epsilon, attention's scaling) as symbolic inputs. The
@@ -166,7 +200,9 @@ class LlamaDecodeStep:
         # One row on a CPU, compiled: generated products, 17.3 against 24.7 ms packed for all of them on an
         # Intel AVX-512 machine. Packed ones were faster at 8 rows. The compiler specializes a batch of one
         # row, so each graph takes one path.
-        generated = batch == 1 and tokens.device.type == "cpu" and torch.compiler.is_compiling()
+        # bf16 packed products were faster than fp32 generated ones at one row too.
+        generated = (batch == 1 and tokens.device.type == "cpu" and torch.compiler.is_compiling()
+                     and self.weight_dtype == torch.float32)
         decoder = self.model.model
         hidden = decoder.embed_tokens(tokens)  # [batch, hidden_size]
         cos, sin = decoder.rotary_emb(hidden, position_ids)  # [batch, 1, head_dim]
@@ -194,9 +230,9 @@ class LlamaDecodeStep:
                 queries.to(all_keys.dtype), all_keys, all_values, attn_mask=mask, scale=attention.scaling
             )  # [B, H_kv, group_size, D]
             attended = output.reshape(batch, self.num_heads * self.head_dim).to(hidden.dtype)
-            hidden = hidden + _linear(attention.o_proj, attended, generated)
+            hidden = hidden + _linear(self.o_proj[index], attended, generated)
 
-            hidden = hidden + _linear(layer.mlp.down_proj, self._gate_up(index, layer, hidden, generated), generated)
+            hidden = hidden + _linear(self.down_proj[index], self._gate_up(index, layer, hidden, generated), generated)
 
         hidden = _rms_norm(decoder.norm, hidden)
         # Packed even for one row: the compiler fused the norm into a generated vocabulary projection,

@@ -8,6 +8,12 @@ against 3.7 ms on an AMD EPYC with AVX-512. A 1,024-token prefill ran about as f
 `pack_linears` swaps every `nn.Linear` of a model for a `PackedLinear` that calls oneDNN's kernel, and
 `join_linears` packs layers that read the same input as one product.
 
+Either can pack the weight in bf16 (`dtype=torch.bfloat16`): the product then reads half the bytes,
+and on CPUs with bf16 instructions (AVX512-BF16, AMX) oneDNN computes it with them. Inputs are
+rounded to bf16 and outputs come back in the input's dtype, rounded to bf16 on the way. On the
+2-core Intel Xeon with AMX, the 30 layers' products and the vocabulary projection of SmolLM2-135M
+took 9.6 ms against 25.6 ms in fp32 at 8 rows, and 8.8 ms against 19.0 ms at one row.
+
 NOTE: `torch.ops.mkldnn._reorder_linear_weight` and `_linear_pointwise` are the operators PyTorch's
 own compiler emits for CPU linears. They are not a documented public API and may change with a
 PyTorch release, so `packed_linear_available` checks for them and the engine falls back to plain
@@ -45,8 +51,14 @@ def _(rows: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | None
     return rows.new_empty((rows.shape[0], out_features))
 
 
+PACKED_DTYPES = (torch.float32, torch.bfloat16)
+
+
 class PackedLinear(nn.Module):
     """A fp32 CPU `nn.Linear` that computes with its weight packed in oneDNN's layout; same inputs and outputs.
+
+    `dtype` is the packed weight's: fp32 (the default) or bf16, which rounds the weight, the input and
+    the output to bf16 (see the module docstring).
 
     The module keeps the layer's parameters, so the model's state dict, dtype and device read as
     before, and the packed copy costs as much memory again. Every row count takes the packed path.
@@ -56,29 +68,41 @@ class PackedLinear(nn.Module):
     weights cold in cache), and as fast for 576 x 192.
     """
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype = torch.float32):
         super().__init__()
+        if dtype not in PACKED_DTYPES:
+            raise ValueError(f"invalid dtype={dtype}: a packed weight is one of {PACKED_DTYPES}")
         self.in_features = linear.in_features
         self.out_features = linear.out_features
+        self.dtype = dtype
         self.weight = linear.weight
         self.bias = linear.bias
-        packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), BATCH_HINT)
+        packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach().to(dtype), BATCH_HINT)
         self.register_buffer("packed_weight", packed, persistent=False)
+        # The bias the product adds, in the packed weight's dtype (the layer's own when that is fp32).
+        self.packed_bias = None if linear.bias is None else linear.bias.detach().to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
+        if rows.dtype != self.dtype:
+            rows = rows.to(self.dtype)
         if torch.compiler.is_compiling():
-            out = packed_linear(rows, self.packed_weight, self.bias, self.out_features)
+            out = packed_linear(rows, self.packed_weight, self.packed_bias, self.out_features)
         else:  # directly, because the custom operator adds about 3 us a call in inference mode (10 us outside it)
-            out = torch.ops.mkldnn._linear_pointwise(rows, self.packed_weight, self.bias, "none", [], "")
+            out = torch.ops.mkldnn._linear_pointwise(rows, self.packed_weight, self.packed_bias, "none", [], "")
+        if out.dtype != x.dtype:
+            out = out.to(x.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"dtype={self.dtype}")
 
 
 @torch.no_grad()
-def join_linears(linears: list[nn.Module], input_scale: torch.Tensor | None = None) -> PackedLinear:
+def join_linears(
+    linears: list[nn.Module], input_scale: torch.Tensor | None = None, dtype: torch.dtype = torch.float32
+) -> PackedLinear:
     """Return one `PackedLinear` for several linear layers that read the same input; its output is
     theirs side by side, in the order given.
 
@@ -86,6 +110,7 @@ def join_linears(linears: list[nn.Module], input_scale: torch.Tensor | None = No
     the packed copy of the joined weight is kept: it costs as much memory as the layers' weights.
     `input_scale` [in_features], when given, is folded into the weight: the joined layer applied to
     x gives the layers applied to `input_scale * x` (an RMSNorm's weight, to within float rounding).
+    `dtype` is the packed weight's, as in `PackedLinear`.
     """
     in_features = linears[0].in_features
     if any(linear.in_features != in_features for linear in linears):
@@ -102,7 +127,7 @@ def join_linears(linears: list[nn.Module], input_scale: torch.Tensor | None = No
     joined = nn.Linear(in_features, weight.shape[0], bias=bias is not None, device="meta")
     joined.weight = nn.Parameter(weight, requires_grad=False)
     joined.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-    packed = PackedLinear(joined)
+    packed = PackedLinear(joined, dtype)
     # The joined weight is a new tensor that only the packed copy needs; keep no second copy.
     packed.weight = None
     return packed

@@ -146,14 +146,15 @@ def test_up_passes_compile_flag_to_decode(monkeypatch):
     assert "--compile-decode" not in compiled.commands["prefill"] + compiled.commands["router"]
 
 
-def test_up_passes_kv_dtype_to_decode(monkeypatch):
-    def kv_dtype(command):
-        return command[command.index("--kv-dtype") + 1]
+@pytest.mark.parametrize(("option", "default", "value"), [("--kv-dtype", "auto", "fp16"), ("--decode-weights", "model", "bf16")])
+def test_up_passes_decode_dtype_options_to_decode(monkeypatch, option, default, value):
+    def given(command):
+        return command[command.index(option) + 1]
 
-    assert kv_dtype(up_stack(monkeypatch, []).commands["decode"]) == "auto"
-    commands = up_stack(monkeypatch, ["--kv-dtype", "fp16"]).commands
-    assert kv_dtype(commands["decode"]) == "fp16"
-    assert "--kv-dtype" not in commands["prefill"] + commands["router"]
+    assert given(up_stack(monkeypatch, []).commands["decode"]) == default
+    commands = up_stack(monkeypatch, [option, value]).commands
+    assert given(commands["decode"]) == value
+    assert option not in commands["prefill"] + commands["router"]
 
 
 @pytest.mark.parametrize(
@@ -169,6 +170,13 @@ def test_decode_kv_dtype_option(option, expected):
     # tiny-llama is an fp32 Llama model, so "auto", the default, stores its cache in fp16.
     engine = cli_services.decode_engine(parse(["decode", "--model", "tiny-llama", "--device", "cpu", *option]))
     assert engine.kv_dtype == expected
+
+
+@pytest.mark.parametrize(("option", "expected"), [([], torch.float32), (["--decode-weights", "bf16"], torch.bfloat16)])
+def test_decode_weights_option(option, expected):
+    engine = cli_services.decode_engine(parse(["decode", "--model", "tiny-llama", "--device", "cpu", *option]))
+    assert engine.decode_weight_dtype == expected
+    assert engine._llama_step.qkv_proj[0].packed_weight.dtype == expected
 
 
 def test_up_passes_token_file_to_router(tmp_path, monkeypatch):

@@ -197,3 +197,71 @@ def test_compiling_traces_each_graph_once(fresh_compiler):
     engine.warm_up_decode(batch_size=3, kept_positions=48)
     assert "compile_attempt_0" in metrics
     assert "compile_attempt_1" not in metrics
+
+
+def bf16_and_fp32_logits(family: str, compile_decode: bool = False):
+    """Decode the same teacher-forced steps with bf16 decode weights and with fp32 ones; return both logits."""
+    fp32 = Engine(tiny_model(family, **FAMILY_SHAPES[family]))
+    bf16 = Engine(tiny_model(family, **FAMILY_SHAPES[family]), decode_weight_dtype=torch.bfloat16,
+                  compile_decode=compile_decode)
+    if compile_decode:
+        bf16.warm_up_decode(batch_size=3, kept_positions=48)
+    results = []
+    # After a warm-up, no step may compile again.
+    with torch._dynamo.config.patch(error_on_recompile=compile_decode):
+        for lengths in ([70, 33, 120], [90]):
+            results += teacher_forced_pairs(bf16, fp32, lengths)
+    return bf16, results
+
+
+def teacher_forced_pairs(bf16: Engine, fp32: Engine, lengths: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Return (bf16 logits, fp32 logits) of each of STEPS teacher-forced steps from the same compressed prefill."""
+    requests = [
+        Request(str(seed), prompt(length, seed), SamplingParams(max_tokens=STEPS + 1),
+                CompressionConfig(window=8, budget=48, kernel=5))
+        for seed, length in enumerate(lengths)
+    ]
+    caches = [result.cache for result in fp32.prefill(requests)]
+    bf16_cache, fp32_cache = BatchCache(caches, STEPS + 1), BatchCache(caches, STEPS + 1)
+    tokens = torch.randint(0, 256, (STEPS, len(lengths)), generator=torch.Generator().manual_seed(7))
+    return [(bf16.decode_step(bf16_cache, step), fp32.decode_step(fp32_cache, step)) for step in tokens]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_SHAPES))
+def test_bf16_decode_weights(family):
+    # The layers' products read bf16 copies of their weights; the vocabulary projection and the
+    # model's own layers (which prefill uses) stay fp32. Logits differ from the fp32 step by bf16 rounding.
+    engine, results = bf16_and_fp32_logits(family)
+    step = engine._llama_step
+    assert engine.decode_weight_dtype == torch.bfloat16
+    products = step.qkv_proj + step.gate_up_proj + step.o_proj + step.down_proj
+    assert {product.packed_weight.dtype for product in products} == {torch.bfloat16}
+    assert engine.model.lm_head.packed_weight.dtype == torch.float32
+    assert engine.model.model.layers[0].self_attn.o_proj.packed_weight.dtype == torch.float32
+    for bf16_logits, fp32_logits in results:
+        assert bf16_logits.dtype == torch.float32
+        assert not torch.allclose(bf16_logits, fp32_logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(bf16_logits, fp32_logits, rtol=0, atol=5e-2)
+
+
+def test_compiled_step_with_bf16_decode_weights(fresh_compiler):
+    # Real compilation: a batch and a single row (which takes the bf16 packed products too, not generated
+    # fp32 ones) stay as close to the fp32 eager step as the eager bf16 step does, with no compiling after
+    # the warm-up.
+    _, results = bf16_and_fp32_logits("llama", compile_decode=True)
+    for bf16_logits, fp32_logits in results:
+        assert not torch.allclose(bf16_logits, fp32_logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(bf16_logits, fp32_logits, rtol=0, atol=5e-2)
+
+
+def test_bf16_decode_weights_rejected_without_packed_llama_step():
+    def engine(**options):
+        return Engine(tiny_model("llama", **FAMILY_SHAPES["llama"]), decode_weight_dtype=torch.bfloat16, **options)
+
+    with pytest.raises(ValueError, match="invalid decode_weight_dtype=torch.bfloat16: the weights are not packed"):
+        engine(pack_weights=False)
+    with pytest.raises(ValueError, match="invalid decode_weight_dtype=torch.bfloat16: the Llama decode step is off"):
+        engine(llama_decode=False)
+    with pytest.raises(ValueError, match="invalid weight_dtype=torch.bfloat16 without join_projections"):
+        LlamaDecodeStep(tiny_model("llama", **FAMILY_SHAPES["llama"]).model, weight_dtype=torch.bfloat16)
+    assert Engine(tiny_model("llama", **FAMILY_SHAPES["llama"])).decode_weight_dtype == torch.float32

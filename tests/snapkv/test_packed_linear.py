@@ -70,3 +70,37 @@ def test_engine_packs_only_when_asked():
     plain = Engine(tiny_model("llama"), pack_weights=False)
     assert plain.packed_layers == 0
     assert not any(isinstance(module, PackedLinear) for module in plain.model.modules())
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("rows", [(1,), (8,), (3, 5)])
+def test_bf16_packed_linear_rounds_to_bf16(rows, bias):
+    # A bf16 packed weight: the product of the bf16-rounded input and weight, rounded to bf16, returned in fp32.
+    torch.manual_seed(0)
+    linear = nn.Linear(48, 80, bias=bias)
+    packed = PackedLinear(linear, torch.bfloat16)
+    assert packed.packed_weight.dtype == torch.bfloat16
+    x = torch.randn(*rows, 48)
+    out = packed(x)
+    assert out.dtype == torch.float32
+    assert out.shape == (*rows, 80)
+    bias16 = None if linear.bias is None else linear.bias.bfloat16()
+    expected = nn.functional.linear(x.bfloat16(), linear.weight.bfloat16(), bias16).float()
+    torch.testing.assert_close(out, expected, rtol=1e-2, atol=1e-2)
+    # bf16 rounding shows against the fp32 layer: the bf16 weight was used.
+    assert not torch.allclose(out, linear(x), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out, linear(x), rtol=3e-2, atol=3e-2)
+
+
+def test_bf16_joined_layers():
+    torch.manual_seed(0)
+    linears = [nn.Linear(48, 32, bias=False), nn.Linear(48, 16, bias=True)]
+    joined = join_linears(linears, dtype=torch.bfloat16)
+    assert joined.packed_weight.dtype == joined.packed_bias.dtype == torch.bfloat16
+    x = torch.randn(4, 48)
+    torch.testing.assert_close(joined(x), torch.cat([linear(x) for linear in linears], dim=-1), rtol=3e-2, atol=3e-2)
+
+
+def test_packed_dtype_must_be_fp32_or_bf16():
+    with pytest.raises(ValueError, match="invalid dtype=torch.float16: a packed weight is one of"):
+        PackedLinear(nn.Linear(8, 8), torch.float16)
