@@ -54,7 +54,8 @@ def engine_kv_dtype(name: str):
 
 
 def engine_weight_dtype(name: str):
-    """Return the `Engine` decode_weight_dtype argument for a --decode-weights choice: None ("model") or a torch dtype."""
+    """Return the `Engine` decode_weight_dtype argument for a --decode-weights choice: None for "model" (and for
+    "fp32", the quality benchmark's name for it) or a torch dtype."""
     import torch
 
     return {"model": None, "fp32": None, "bf16": torch.bfloat16}[name]
