@@ -19,7 +19,7 @@ The engine stores its cache as the decode worker does by default: in fp16 for th
   forward instead of `LlamaDecodeStep`, and a sixth runs `LlamaDecodeStep` compiled by torch.compile
   (`Engine(compile_decode=True)`), warmed up before the rounds; its compile time is reported. The
   last two run the eager and the compiled step with bf16 decode weights
-  (`Engine(decode_weight_dtype=torch.bfloat16)`, `snapkv-serve decode --decode-weights bf16`).
+  (`Engine(weight_dtype=torch.bfloat16)`, `snapkv-serve decode --decode-weights bf16`).
   The cases take turns for three rounds (five in the full version), and each reports its median.
 - The bandwidth bound: each decode step reads every weight once and every cached key and value once,
   so the step can take no less than those bytes divided by the measured read bandwidth. An fp16
@@ -50,7 +50,7 @@ from snapkv.model import load_model
 EAGER = "engine, SnapKV cache in fp16"
 EAGER_FP32 = "engine, SnapKV cache in fp32"
 COMPILED = "engine, compiled step, SnapKV cache in fp16"
-# `--decode-weights bf16`: the decoder layers' products read bf16 copies of their weights.
+# `--decode-weights bf16`: the decoder layers' products read weights packed in bf16.
 BF16 = "engine, bf16 decode weights, SnapKV cache in fp16"
 COMPILED_BF16 = "engine, compiled step, bf16 decode weights, SnapKV cache in fp16"
 
@@ -165,13 +165,13 @@ def linear_flops(engine: Engine, batch: int) -> tuple[int, int]:
 
 def weight_bytes(engine: Engine) -> int:
     """Bytes of the weights one decode step reads: every parameter, tied ones counted once, with the
-    decoder layers' linear weights in `engine.decode_weight_dtype` (bf16 copies for bf16 decode weights)."""
+    decoder layers' linear weights in `engine.weight_dtype` (bf16 for bf16 decode weights)."""
     seen, total = set(), 0
     for parameter in engine.model.parameters():
         if parameter.data_ptr() not in seen:
             seen.add(parameter.data_ptr())
             total += parameter.numel() * parameter.element_size()
-    narrowing = engine.model.dtype.itemsize - engine.decode_weight_dtype.itemsize
+    narrowing = engine.model.dtype.itemsize - engine.weight_dtype.itemsize
     return total - weight_count(engine.model.model.layers) * narrowing
 
 
@@ -191,8 +191,8 @@ def run(lengths: list[int], batches: list[int], budget: int, throughput_length: 
     plain_model = load_model().model
     # The compiled engine gets its own copy: an engine on the copy above would find its layers packed and join none.
     compiled = Engine(load_model(), compile_decode=True, kv_dtype=AUTO_KV_DTYPE)
-    bf16 = Engine(load_model(), kv_dtype=AUTO_KV_DTYPE, decode_weight_dtype=torch.bfloat16)
-    compiled_bf16 = Engine(load_model(), compile_decode=True, kv_dtype=AUTO_KV_DTYPE, decode_weight_dtype=torch.bfloat16)
+    bf16 = Engine(load_model(), kv_dtype=AUTO_KV_DTYPE, weight_dtype=torch.bfloat16)
+    compiled_bf16 = Engine(load_model(), compile_decode=True, kv_dtype=AUTO_KV_DTYPE, weight_dtype=torch.bfloat16)
     progress("decode: compiling the decode step (a few minutes on a 2-core CPU) ...")
     start = time.perf_counter()
     compiled.warm_up_decode(max(batches), budget)
@@ -222,7 +222,7 @@ def run(lengths: list[int], batches: list[int], budget: int, throughput_length: 
 
     def compute_bound(measured: Engine, batch: int) -> float:
         layers, head = linear_flops(measured, batch)
-        return layers / flop_rates[measured.decode_weight_dtype] + head / flop_rates[measured.model.dtype]
+        return layers / flop_rates[measured.weight_dtype] + head / flop_rates[measured.model.dtype]
 
     throughput = []
     for batch in batches:

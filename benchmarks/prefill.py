@@ -1,5 +1,6 @@
 """Prefill time and peak memory at several prompt lengths: plain transformers prefill vs the engine's
-prefill with and without SnapKV compression, on the embedded model.
+prefill with and without SnapKV compression, on the embedded model. A last variant compresses with the
+engine's layers packed in bf16 (`Engine(weight_dtype=torch.bfloat16)`, `prefill --prefill-weights bf16`).
 
     .venv/bin/python -m benchmarks.prefill --tokens 2048 4096 8000 --budget 1024
 
@@ -17,7 +18,7 @@ import sys
 
 from benchmarks.common import markdown_table, progress, write_json
 
-VARIANTS = ("transformers", "engine-full", "engine-snapkv")
+VARIANTS = ("transformers", "engine-full", "engine-snapkv", "engine-snapkv-bf16")
 
 CHILD = """
 import json, sys, time, torch
@@ -37,10 +38,11 @@ def run():
         with torch.inference_mode():
             output = loaded.model(torch.tensor([ids]), use_cache=True, logits_to_keep=1)
         return output
-    compression = CompressionConfig(budget=budget) if variant == "engine-snapkv" else None
+    compression = CompressionConfig(budget=budget) if variant.startswith("engine-snapkv") else None
     return engine.prefill([Request("bench", tuple(ids), SamplingParams(max_tokens=1), compression)])
 
-engine = Engine(loaded) if variant != "transformers" else None
+weight_dtype = torch.bfloat16 if variant.endswith("-bf16") else None
+engine = Engine(loaded, weight_dtype=weight_dtype) if variant != "transformers" else None
 seconds = []
 peaks = []
 for _ in range(repeats):

@@ -41,9 +41,9 @@ from benchmarks import quality_report
 from benchmarks.common import machine
 from benchmarks.quality_engine import generate_texts, greedy_tokens, prefill_results, prefill_states, teacher_forced_nll
 from benchmarks.quality_tasks import NeedleCase, document_cases, needle_cases
-from snapkv.cli_services import engine_kv_dtype, engine_weight_dtype
-from snapkv.config import GQA_REDUCTIONS, POOLING_KINDS, CompressionConfig, SamplingParams
-from snapkv.engine import Engine
+from snapkv.cli_services import engine_kv_dtype
+from snapkv.config import GQA_REDUCTIONS, POOLING_KINDS, WEIGHT_CHOICES, CompressionConfig, SamplingParams
+from snapkv.engine import WEIGHT_DTYPES, Engine
 from snapkv.model import DEFAULT_MODEL, converted_folder, load_model
 
 METHODS = ("snapkv", "sinks_recent", "random")
@@ -74,8 +74,8 @@ class Settings:
     gqa_reduction: str = CompressionConfig.gqa_reduction
     # The dtype decoding stores keys and values in (`Engine.kv_dtype`).
     kv_dtype: str = "fp32"
-    # The dtype of the decode step's layer weights (`Engine.decode_weight_dtype`).
-    decode_weights: str = "fp32"
+    # The dtype of the decoder layers' packed weights, for prefill and decoding (`Engine.weight_dtype`).
+    weights: str = "model"
 
 
 QUICK = Settings(
@@ -235,14 +235,14 @@ def parse_settings() -> tuple[argparse.Namespace, Settings]:
                         help="how SnapKV merges the scores of the query heads that share a KV head")
     parser.add_argument("--kv-dtype", choices=("fp32", "fp16", "bf16"), default=Settings.kv_dtype,
                         help="dtype the decode cache stores keys and values in")
-    parser.add_argument("--decode-weights", choices=("fp32", "bf16"), default=Settings.decode_weights,
-                        help="dtype of the decode step's layer weights (prefill stays fp32)")
+    parser.add_argument("--weights", choices=WEIGHT_CHOICES, default=Settings.weights,
+                        help="dtype of the decoder layers' packed weights, for prefill and decoding")
     args = parser.parse_args()
 
     settings = replace(
         QUICK if args.quick else Settings(),
         window=args.window, kernel=args.kernel, pooling=args.pooling, gqa_reduction=args.gqa_reduction,
-        kv_dtype=args.kv_dtype, decode_weights=args.decode_weights,
+        kv_dtype=args.kv_dtype, weights=args.weights,
     )
     if args.needles_per_cell is not None:
         if args.needles_per_cell < 1:
@@ -285,7 +285,7 @@ def main() -> None:
 
     started = time.perf_counter()
     engine = Engine(load_model(), kv_dtype=engine_kv_dtype(settings.kv_dtype),
-                    decode_weight_dtype=engine_weight_dtype(settings.decode_weights))
+                    weight_dtype=WEIGHT_DTYPES[settings.weights])
     cases = needle_cases(engine.tokenizer, list(settings.needle_lengths), list(settings.depths), settings.needles_per_cell)
     needle = run_needles(engine, cases, settings)
     nll, agreement = run_documents(engine, settings)

@@ -229,7 +229,7 @@ async def serve(
     logger.info(
         "decode worker serving %s on port %d: kv budget %d bytes, kv dtype %s, decode weights %s, lease %.1f s, "
         "max batch %d, TLS %s, client certificates %s",
-        engine.name, port, kv_budget_bytes, dtype_name(engine.kv_dtype), dtype_name(engine.decode_weight_dtype), lease_s,
+        engine.name, port, kv_budget_bytes, dtype_name(engine.kv_dtype), dtype_name(engine.weight_dtype), lease_s,
         max_batch_size,
         "on" if tls else "off",
         "required" if tls and tls.client_ca_file else "not required",

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from snapkv.config import CompressionConfig
+from snapkv.config import WEIGHT_CHOICES, CompressionConfig
 from snapkv.transport import ChannelTLS
 from snapkv.wire import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES
 
@@ -23,6 +23,7 @@ class PrefillConfig:
     `gpus_per_actor` None means one GPU per actor when the Ray cluster has GPUs, else none.
     `compression` applies to requests without a `compression` field. `actor_start_timeout_s` bounds
     model loading in each actor; the first start of the embedded model converts its weights.
+    `weights` "bf16" has each actor's engine pack its layers' weights in bf16 (`Engine(weight_dtype=...)`).
     `decode_tls` opens the channels to decode workers with TLS. The actors read its files, so on a
     multi-node Ray cluster the files must exist at the same paths on every node that runs an actor.
     """
@@ -37,6 +38,8 @@ class PrefillConfig:
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     cache_dir: Path | None = None
     decode_tls: ChannelTLS | None = None
+    # The dtype of prefill's packed linear weights: one of WEIGHT_CHOICES (snapkv.engine.WEIGHT_DTYPES).
+    weights: str = "model"
 
     def __post_init__(self) -> None:
         _require(_is_int(self.num_actors) and self.num_actors >= 1, "num_actors", self.num_actors, "an integer >= 1")
@@ -61,6 +64,7 @@ class PrefillConfig:
         for name in ("transfer_timeout_s", "actor_start_timeout_s"):
             value = getattr(self, name)
             _require(_is_number(value) and value > 0, name, value, "a finite number of seconds > 0")
+        _require(self.weights in WEIGHT_CHOICES, "weights", self.weights, f"one of {WEIGHT_CHOICES}")
         _require(
             _is_int(self.chunk_bytes) and 1 <= self.chunk_bytes <= MAX_CHUNK_BYTES,
             "chunk_bytes",

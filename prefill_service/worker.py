@@ -21,7 +21,7 @@ import grpc
 
 from prefill_service.config import PrefillConfig
 from prefill_service.errors import DecodeTransferError, InvalidPrefillRequest, PrefillCancelled, PrefillError
-from snapkv.engine import Engine, PrefillResult, Request
+from snapkv.engine import WEIGHT_DTYPES, Engine, PrefillResult, Request
 from snapkv.memory import release_free_heap, resident_bytes
 from snapkv.messages import compression_from_proto, model_fingerprint, sampling_from_proto
 from snapkv.model import LoadedModel
@@ -85,7 +85,7 @@ class PrefillWorker:
         joined q/k/v and gate/up weights that it packs. On the embedded model that is 266 MiB less
         (1,397 against 1,663 MiB resident after loading).
         """
-        return cls(Engine(loaded, llama_decode=False), config)
+        return cls(Engine(loaded, llama_decode=False, weight_dtype=WEIGHT_DTYPES[config.weights]), config)
 
     def parse(self, message: pb.PrefillRequest) -> ParsedRequest:
         """Check a request against this model and the server defaults; raise InvalidPrefillRequest if it is wrong."""

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Iterator, Mapping, Sequence
 
 import grpc
+from google.protobuf.descriptor import FieldDescriptor
 
 from router.auth import bearer_metadata
 from snapkv.messages import GQA_REDUCTION_TO_PROTO, POOLING_TO_PROTO
@@ -147,12 +148,11 @@ def build_request(
         request.request_id = request_id
 
     sampling = request.sampling
-    sampling.temperature = temperature
-    sampling.top_k = top_k
     sampling.stop.extend(stop)
-    for name, value in (("max_tokens", max_tokens), ("top_p", top_p), ("seed", seed)):
+    for name, value in (("temperature", temperature), ("top_k", top_k), ("max_tokens", max_tokens), ("top_p", top_p),
+                        ("seed", seed)):
         if value is not None:
-            setattr(sampling, name, value)
+            _assign(sampling, name, value)
 
     overrides = dict(budget=budget, window=window, kernel=kernel, pooling=pooling, gqa_reduction=gqa_reduction)
     if no_compress or any(value is not None for value in overrides.values()):
@@ -168,12 +168,26 @@ def _compression(
     compression = pb.Compression(no_compress=no_compress)
     for name, value in sizes.items():
         if value is not None:
-            setattr(compression, name, value)
+            _assign(compression, name, value)
     if pooling is not None:
         compression.pooling = _lookup(POOLING_TO_PROTO, "pooling", pooling)
     if gqa_reduction is not None:
         compression.gqa_reduction = _lookup(GQA_REDUCTION_TO_PROTO, "gqa_reduction", gqa_reduction)
     return compression
+
+
+# The range of each unsigned integer field type of the protocol.
+_UNSIGNED_BITS = {FieldDescriptor.TYPE_UINT32: 32, FieldDescriptor.TYPE_UINT64: 64}
+
+
+def _assign(message, name: str, value: object) -> None:
+    """Set a field; raise a ValueError that names it when the value does not fit the field's type."""
+    try:
+        setattr(message, name, value)
+    except (ValueError, TypeError) as error:
+        bits = _UNSIGNED_BITS.get(message.DESCRIPTOR.fields_by_name[name].type)
+        reason = f"expected an integer from 0 to {2**bits - 1}" if bits else str(error)
+        raise ValueError(f"invalid {name}={value!r}: {reason}") from None
 
 
 def _lookup(values: Mapping[str, int], name: str, key: str) -> int:

@@ -197,12 +197,20 @@ def final_message(trace: RequestTrace, wire_dtype: int) -> pb.Final:
 
 def log_finished(trace: RequestTrace) -> None:
     """Log the one line of a finished request: INFO when it succeeded, WARNING with the error otherwise."""
-    ttft = f"{trace.ttft_s:.3f} s" if trace.ttft_s is not None else "-"
-    kept_tokens = trace.prefill.kept_tokens if trace.prefill is not None else 0
     level = logging.INFO if trace.status == "OK" else logging.WARNING
+    error = f": {trace.error}" if trace.error else ""
+    elapsed_s = time.perf_counter() - trace.arrival
+    # A request rejected while it was parsed has no id yet.
+    request_id = trace.request_id if trace.request_id != RequestTrace.request_id else "(unparsed)"
+    if trace.prefill is None:
+        # Nothing was prefilled, so there are no compression figures to report.
+        logger.log(level, "request %s finished with %s before prefill after %.3f s%s",
+                   request_id, trace.status, elapsed_s, error)
+        return
+    ttft = f"{trace.ttft_s:.3f} s" if trace.ttft_s is not None else "-"
     logger.log(
         level,
         "request %s finished with %s: %d prompt tokens, %d kept, ratio %.2f, ttft %s, %d tokens, e2e %.3f s%s",
-        trace.request_id, trace.status, trace.prompt_tokens, kept_tokens, trace.compression_ratio, ttft,
-        trace.completion_tokens, time.perf_counter() - trace.arrival, f": {trace.error}" if trace.error else "",
+        request_id, trace.status, trace.prompt_tokens, trace.prefill.kept_tokens, trace.compression_ratio, ttft,
+        trace.completion_tokens, elapsed_s, error,
     )

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from snapkv import cli_security
-from snapkv.config import POOLING_KINDS, CompressionConfig, SamplingParams
+from snapkv.config import POOLING_KINDS, WEIGHT_CHOICES, CompressionConfig, SamplingParams
 
 logger = logging.getLogger("snapkv_serve")
 
@@ -31,13 +31,20 @@ KV_DTYPE_HELP = (
 )
 
 
-# --decode-weights's choices: "model" keeps the model's dtype.
-DECODE_WEIGHTS = ("model", "bf16")
-DECODE_WEIGHTS_HELP = (
-    "dtype of the weights the decode step's layer products read; 'bf16': bf16 copies, faster on CPUs with bf16 "
-    "instructions (AVX512-BF16, AMX) and needs an fp32 Llama, Mistral or Qwen2 model on a CPU; "
-    "'model' (default): the model's weights"
+# Help of --decode-weights and --prefill-weights, whose choices are snapkv.config.WEIGHT_CHOICES.
+WEIGHTS_HELP = (
+    "dtype of the {} linear products' weights; 'bf16': packed in bf16, faster on CPUs with bf16 instructions "
+    "(AVX512-BF16, AMX), for an fp32 model on a CPU (the vocabulary projection stays fp32); "
+    "'model' (default): the model's dtype"
 )
+
+
+def host_port(value: str) -> str:
+    """Check a "HOST:PORT" argument (an IPv6 host in brackets); return it unchanged."""
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"invalid address {value!r}: expected HOST:PORT with a port from 1 to 65535")
+    return value
 
 
 class CommandError(Exception):
@@ -67,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="generate an answer for one prompt")
     where = generate.add_mutually_exclusive_group(required=True)
     where.add_argument("--local", action="store_true", help="run the model in this process")
-    where.add_argument("--target", metavar="HOST:PORT", help="send the request to a running router")
+    where.add_argument("--target", type=host_port, metavar="HOST:PORT", help="send the request to a running router")
     add_generation_options(generate)
     cli_security.add_client_options(generate, AUTH_TOKEN_VARIABLE)
 
@@ -130,20 +137,21 @@ def add_service_commands(commands) -> None:
         help="compile the decode step with torch.compile before serving (minutes on a small CPU; faster steps)",
     )
     decode.add_argument("--kv-dtype", choices=KV_DTYPES, default="auto", help=KV_DTYPE_HELP)
-    decode.add_argument("--decode-weights", choices=DECODE_WEIGHTS, default="model", help=DECODE_WEIGHTS_HELP)
+    decode.add_argument("--decode-weights", choices=WEIGHT_CHOICES, default="model", help=WEIGHTS_HELP.format("decode step's"))
 
     prefill = service("prefill", "run a prefill server and its Ray actors", 50052)
     prefill.add_argument("--actors", type=int, default=1, help="number of Ray prefill actors")
     prefill.add_argument("--cpus-per-actor", type=int, default=None, help="CPU cores per actor (default: the cores shared among the actors)")
     prefill.add_argument("--gpus-per-actor", type=float, default=None, help="GPUs per actor (default: 1 when the Ray cluster has GPUs, else 0)")
+    prefill.add_argument("--prefill-weights", choices=WEIGHT_CHOICES, default="model", help=WEIGHTS_HELP.format("prefill's"))
     prefill.add_argument(
         "--ray-address", default=None,
         help="join this Ray cluster ('auto' on a Ray node, e.g. a KubeRay head); default: start a local Ray on loopback",
     )
 
     router = service("router", "run the client-facing router", 50051)
-    router.add_argument("--prefill", action="append", required=True, metavar="HOST:PORT", help="prefill server (repeatable)")
-    router.add_argument("--decode", action="append", required=True, metavar="HOST:PORT", help="decode worker (repeatable)")
+    router.add_argument("--prefill", action="append", required=True, type=host_port, metavar="HOST:PORT", help="prefill server (repeatable)")
+    router.add_argument("--decode", action="append", required=True, type=host_port, metavar="HOST:PORT", help="decode worker (repeatable)")
     router.add_argument("--policy", choices=("round_robin", "least_loaded", "kv_aware"), default="least_loaded")
     # The defaults repeat router.requests.DEFAULT_*_LIMIT, which this module does not import: it loads transformers.
     router.add_argument(
@@ -173,7 +181,8 @@ def add_service_commands(commands) -> None:
         help="start the decode worker with --compile-decode (it compiles for a minute or more before serving)",
     )
     up.add_argument("--kv-dtype", choices=KV_DTYPES, default="auto", help=KV_DTYPE_HELP)
-    up.add_argument("--decode-weights", choices=DECODE_WEIGHTS, default="model", help=DECODE_WEIGHTS_HELP)
+    up.add_argument("--decode-weights", choices=WEIGHT_CHOICES, default="model", help=WEIGHTS_HELP.format("decode step's"))
+    up.add_argument("--prefill-weights", choices=WEIGHT_CHOICES, default="model", help=WEIGHTS_HELP.format("prefill's"))
 
 
 def read_prompt(args: argparse.Namespace) -> str:
@@ -304,4 +313,8 @@ def report_error(message: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main: other modules raise snapkv.cli.CommandError, which is not this
+    # __main__ module's class, so `python -m snapkv.cli` would report it as an unexpected failure.
+    from snapkv.cli import main as module_main
+
+    sys.exit(module_main())

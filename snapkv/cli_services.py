@@ -53,19 +53,11 @@ def engine_kv_dtype(name: str):
     return arguments[name]
 
 
-def engine_weight_dtype(name: str):
-    """Return the `Engine` decode_weight_dtype argument for a --decode-weights choice: None for "model" (and for
-    "fp32", the quality benchmark's name for it) or a torch dtype."""
-    import torch
-
-    return {"model": None, "fp32": None, "bf16": torch.bfloat16}[name]
-
-
 def decode_engine(args: argparse.Namespace):
     """Load the `decode` command's model onto its device; return its `Engine` with the decode options applied."""
     import torch
 
-    from snapkv.engine import Engine
+    from snapkv.engine import WEIGHT_DTYPES, Engine
     from snapkv.model import resolve_model
 
     device = args.device
@@ -75,7 +67,7 @@ def decode_engine(args: argparse.Namespace):
         resolve_model(args.model, args.cache_dir, device),
         compile_decode=args.compile_decode,
         kv_dtype=engine_kv_dtype(args.kv_dtype),
-        decode_weight_dtype=engine_weight_dtype(args.decode_weights),
+        weight_dtype=WEIGHT_DTYPES[args.decode_weights],
     )
 
 
@@ -103,7 +95,7 @@ def run_decode(args: argparse.Namespace) -> int:
             decode_threads=decode_threads,
         )
         print(f"decode worker listening on {args.host}:{port}", flush=True)
-        await serve_until_signal(server, servicer.close)
+        await serve_until_signal(server, servicer.close, f"decode worker on port {port}")
 
     asyncio.run(main())
     return 0
@@ -126,10 +118,10 @@ def run_prefill(args: argparse.Namespace) -> int:
             args.model, f"{args.host}:{args.port}", num_actors=args.actors, cpus_per_actor=args.cpus_per_actor,
             ray_address=args.ray_address, gpus_per_actor=args.gpus_per_actor, cache_dir=args.cache_dir,
             metrics=PrefillMetrics(args.model, worker_name(args.port)), tls=args.tls, decode_tls=args.peer_tls,
-            health_address=health_address(args),
+            health_address=health_address(args), weights=args.prefill_weights,
         )
         print(f"prefill server listening on {args.host}:{port}", flush=True)
-        await serve_until_signal(server, server.shutdown_actors)
+        await serve_until_signal(server, server.shutdown_actors, f"prefill server on port {port}")
 
     asyncio.run(main())
     return 0
@@ -153,7 +145,7 @@ def run_router(args: argparse.Namespace) -> int:
             health_address=health_address(args),
         )
         print(f"router listening on {args.host}:{port}", flush=True)
-        await serve_until_signal(server)
+        await serve_until_signal(server, name=f"router on port {port}")
 
     asyncio.run(main())
     return 0
@@ -315,7 +307,7 @@ def run_up(args: argparse.Namespace) -> int:
         args.model, args.port, args.metrics_port, args.cache_dir, args.log_level,
         decode_options=("--kv-dtype", args.kv_dtype, "--decode-weights", args.decode_weights)
         + (("--compile-decode",) if args.compile_decode else ()),
-        service_options={"router": router_options},
+        service_options={"router": router_options, "prefill": ["--prefill-weights", args.prefill_weights]},
     )
     with stack:
         stack.start()
@@ -351,7 +343,10 @@ def run_generate_target(args: argparse.Namespace) -> int:
     try:
         summary = _stream_from_router(args, pieces)
     except SnapKVError as error:
-        raise CommandError(f"request to {args.target} failed with {error}") from error
+        hint = ""
+        if error.code == grpc.StatusCode.UNAVAILABLE and "failed to connect" in error.details.lower():
+            hint = f"; check that a router listens on {args.target} (`snapkv-serve up` starts one on 127.0.0.1:50051)"
+        raise CommandError(f"request to {args.target} failed with {error}{hint}") from error
 
     figures = {
         "prompt_tokens": summary.prompt_tokens,

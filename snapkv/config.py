@@ -13,6 +13,8 @@ POOLING_KINDS = ("max", "avg")
 GQA_REDUCTIONS = ("mean", "max")
 # SnapKV, and the baselines of `snapkv.selection` that fill the same budget without scoring.
 SELECTION_METHODS = ("snapkv", "sinks_recent", "random")
+# Choices for the dtype of packed linear weights (`snapkv.engine.WEIGHT_DTYPES`): "model" keeps the model's.
+WEIGHT_CHOICES = ("model", "bf16")
 
 
 def _require(condition: bool, field_name: str, value: object, expected: str) -> None:

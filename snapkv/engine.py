@@ -20,7 +20,7 @@ from typing import Iterator
 import torch
 
 from snapkv import attention
-from snapkv.config import CompressionConfig, SamplingParams, head_dim
+from snapkv.config import WEIGHT_CHOICES, CompressionConfig, SamplingParams, head_dim
 from snapkv.kv_cache import BatchCache, PromptCache
 from snapkv.llama_decode import LlamaDecodeStep, unsupported_reason
 from snapkv.model import LoadedModel
@@ -33,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 # `Engine(kv_dtype=AUTO_KV_DTYPE)`: fp16 decode caches for fp32 models on the Llama decode step.
 AUTO_KV_DTYPE = "auto"
+# The `weight_dtype` argument for each choice of the services' --decode-weights and --prefill-weights.
+WEIGHT_DTYPES = dict(zip(WEIGHT_CHOICES, (None, torch.bfloat16)))
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,7 @@ class Engine:
         llama_decode: bool | None = None,
         compile_decode: bool = False,
         kv_dtype: torch.dtype | str | None = None,
-        decode_weight_dtype: torch.dtype | None = None,
+        weight_dtype: torch.dtype | None = None,
     ):
         """`pack_weights` None packs the linear layers' weights for oneDNN when the model is fp32 on a
         CPU and PyTorch has the operators (see `snapkv.packed_linear`); False keeps `nn.Linear`.
@@ -94,10 +96,11 @@ class Engine:
         a dtype other than the model's. "auto" (`AUTO_KV_DTYPE`, the decode worker's default) takes
         fp16 for an fp32 model that `LlamaDecodeStep` decodes, and the model's dtype otherwise.
 
-        `decode_weight_dtype` torch.bfloat16 has `LlamaDecodeStep` compute the decoder layers'
-        products with bf16 copies of their weights (see its `weight_dtype`): faster on CPUs with bf16
-        instructions, with weights, inputs and outputs of those products rounded to bf16. It needs
-        packed weights and the Llama decode step. None keeps the model's dtype; prefill always does.
+        `weight_dtype` torch.bfloat16 packs the weights of the decoder layers' linear products in bf16,
+        for prefill and decoding alike (`snapkv.packed_linear`): faster on CPUs with bf16
+        instructions, with weights, inputs and outputs of those products rounded to bf16. The
+        vocabulary projection, the norms, RoPE, attention and the residual stream keep the model's
+        dtype. It needs packed weights (an fp32 model on a CPU with oneDNN). None keeps the model's dtype.
         """
         config = loaded.model.config
         if getattr(config, "sliding_window", None) is not None:
@@ -112,7 +115,14 @@ class Engine:
         self.device = self.model.device
         if pack_weights is None:
             pack_weights = self.device.type == "cpu" and self.model.dtype == torch.float32 and packed_linear_available()
-        self.packed_layers = pack_linears(self.model) if pack_weights else 0
+        if weight_dtype not in (None, self.model.dtype) and not pack_weights:
+            raise ValueError(
+                f"invalid weight_dtype={weight_dtype}: only packed weights take another dtype than the model's "
+                f"({self.model.dtype}), and this engine packs none (they need an fp32 model on a CPU with oneDNN, "
+                "and pack_weights not False). Pass weight_dtype=None."
+            )
+        self.weight_dtype = weight_dtype or self.model.dtype
+        self.packed_layers = pack_linears(self.model, self.weight_dtype) if pack_weights else 0
         if llama_decode is None:
             llama_decode = unsupported_reason(self.model) is None
         # With packed weights, the decode step also packs q/k/v and gate/up as one product each.
@@ -123,18 +133,12 @@ class Engine:
                 f"invalid compile_decode=True: it compiles the Llama decode step, which is off ({reason}). "
                 "Use a Llama, Mistral or Qwen2 model with llama_decode left at None, or compile_decode=False."
             )
-        weight_dtype = decode_weight_dtype or torch.float32
-        if weight_dtype != torch.float32 and not (llama_decode and joined):
-            reason = "the Llama decode step is off" if not llama_decode else "the weights are not packed"
-            raise ValueError(
-                f"invalid decode_weight_dtype={decode_weight_dtype}: {reason}. bf16 decode weights need an fp32 "
-                "Llama, Mistral or Qwen2 model on a CPU with oneDNN; pass decode_weight_dtype=None otherwise."
-            )
         self._llama_step = (
-            LlamaDecodeStep(self.model, join_projections=joined, compile_step=compile_decode, weight_dtype=weight_dtype)
+            LlamaDecodeStep(
+                self.model, join_projections=joined, compile_step=compile_decode, weight_dtype=self.weight_dtype
+            )
             if llama_decode else None
         )
-        self.decode_weight_dtype = weight_dtype if llama_decode and joined else self.model.dtype
         self.compile_decode = compile_decode
         if kv_dtype == AUTO_KV_DTYPE:
             narrow = self.model.dtype == torch.float32 and self._llama_step is not None

@@ -12,9 +12,8 @@ their weights are shared, not copied) with less of that work:
 - the cache's mask is built once per step, and only when rows differ in length;
 - with `join_projections`, q, k and v are one product and gate and up another, each with the weight
   of the RMSNorm before it folded in;
-- with `weight_dtype=torch.bfloat16` (which needs `join_projections`), the products of the decoder
-  layers read bf16 copies of their weights (`snapkv.packed_linear`), while the residual stream, the
-  norms, RoPE and the vocabulary projection stay in the model's dtype;
+- with `weight_dtype=torch.bfloat16`, the joined products are packed in bf16, for a model whose
+  other layers `pack_linears` packed in bf16 (`Engine(weight_dtype=torch.bfloat16)`);
 - with `compile_step`, torch.compile turns the step into one graph of generated kernels and library
   calls, compiled once for each kind of step. On one row on a CPU, the linear layers other than the
   vocabulary projection become generated kernels too. They read the plain weights faster than
@@ -41,7 +40,7 @@ from transformers import PreTrainedModel
 
 from snapkv.config import head_dim
 from snapkv.kv_cache import BatchCache, write_step
-from snapkv.packed_linear import PackedLinear, join_linears
+from snapkv.packed_linear import join_linears
 
 # Families whose decoder layer is Llama's: pre-norm RMSNorm, RoPE on q and k, gated MLP. Qwen2 adds
 # biases to q, k and v, which its linear modules apply themselves.
@@ -99,12 +98,11 @@ class LlamaDecodeStep:
         RMSNorm before each joined product is folded into it, which changes the logits by float
         rounding only.
 
-        `weight_dtype` torch.bfloat16 computes the decoder layers' products with bf16 copies of their
-        weights: the joined ones, o_proj and down_proj (these two then apart from the model's, 70 MiB
-        for SmolLM2-135M, while the joined weights take 133 MiB instead of 266). It needs
-        `join_projections`. The vocabulary projection stays in the model's dtype: a bf16 product
-        would round the logits to bf16 (steps of 0.125 between 16 and 32). The model's own layers,
-        which prefill uses, are left as they are.
+        `weight_dtype` is the dtype the joined products are packed in. Pass the dtype the model's own
+        layers were packed in (`snapkv.packed_linear.pack_linears`), which the step calls for o_proj
+        and down_proj; the vocabulary projection stays fp32 either way. With bf16, the joined weights
+        take 133 MiB instead of 266 for SmolLM2-135M, and the one-row compiled step keeps the packed
+        products (see `_step`). It needs `join_projections`.
 
         `compile_step` runs the step through `torch.compile` (inductor, which needs a C++ compiler on
         CPUs): the operations between the linear layers and attention become a few generated kernels,
@@ -152,12 +150,6 @@ class LlamaDecodeStep:
                 )
                 for layer in self.layers
             ]
-        # o_proj and down_proj: the model's own layers, or copies packed in `weight_dtype`.
-        own = weight_dtype == torch.float32
-        self.o_proj = [layer.self_attn.o_proj if own else PackedLinear(layer.self_attn.o_proj, weight_dtype)
-                       for layer in self.layers]
-        self.down_proj = [layer.mlp.down_proj if own else PackedLinear(layer.mlp.down_proj, weight_dtype)
-                          for layer in self.layers]
         # Compile for any cache length and batch size (dynamic shapes): both change as sequences
         # decode, join and leave. By default (torch 2.13) dynamic compiling also traces the float
         # attributes of the modules (RMSNorm's epsilon, attention's scaling) as symbolic inputs. The
@@ -230,9 +222,9 @@ class LlamaDecodeStep:
                 queries.to(all_keys.dtype), all_keys, all_values, attn_mask=mask, scale=attention.scaling
             )  # [B, H_kv, group_size, D]
             attended = output.reshape(batch, self.num_heads * self.head_dim).to(hidden.dtype)
-            hidden = hidden + _linear(self.o_proj[index], attended, generated)
+            hidden = hidden + _linear(attention.o_proj, attended, generated)
 
-            hidden = hidden + _linear(self.down_proj[index], self._gate_up(index, layer, hidden, generated), generated)
+            hidden = hidden + _linear(layer.mlp.down_proj, self._gate_up(index, layer, hidden, generated), generated)
 
         hidden = _rms_norm(decoder.norm, hidden)
         # Packed even for one row: the compiler fused the norm into a generated vocabulary projection,

@@ -102,6 +102,10 @@ def load_model(
         source = str(converted_folder(cache_dir))
     else:
         source = name
+        # A Hugging Face id has no leading "/" or ".", so such a name can only be a missing folder.
+        if name.startswith(("/", ".", "~")) and not Path(name).expanduser().is_dir():
+            raise ValueError(f"invalid model {name!r}: no such folder. Give a folder with a Hugging Face "
+                             "checkpoint, a Hugging Face id, or the embedded default.")
 
     # The converted folder is a plain Hugging Face checkpoint, so both paths load the same way. Progress
     # bars are shown for the slow first conversion only.
@@ -127,6 +131,8 @@ TINY_PREFIX = "tiny-"
 
 def resolve_model(spec: str, cache_dir: Path | None = None, device: str = "cpu") -> LoadedModel:
     """Load a model from a command-line spec onto `device`: `tiny-<family>` builds a random-weight test model."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"invalid device {device!r}: this PyTorch build sees no CUDA device. Use --device cpu.")
     if spec.startswith(TINY_PREFIX):
         from snapkv.tiny_models import tiny_model  # imported late: tiny_models imports this module
 

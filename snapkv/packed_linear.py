@@ -8,7 +8,7 @@ against 3.7 ms on an AMD EPYC with AVX-512. A 1,024-token prefill ran about as f
 `pack_linears` swaps every `nn.Linear` of a model for a `PackedLinear` that calls oneDNN's kernel, and
 `join_linears` packs layers that read the same input as one product.
 
-Either can pack the weight in bf16 (`dtype=torch.bfloat16`): the product then reads half the bytes,
+Both, and `pack_linears`, can pack weights in bf16 (`dtype=torch.bfloat16`): a product then reads half the bytes,
 and on CPUs with bf16 instructions (AVX512-BF16, AMX) oneDNN computes it with them. Inputs are
 rounded to bf16 and outputs come back in the input's dtype, rounded to bf16 on the way. On the
 2-core Intel Xeon with AMX, the 30 layers' products and the vocabulary projection of SmolLM2-135M
@@ -133,13 +133,19 @@ def join_linears(
     return packed
 
 
-def pack_linears(model: nn.Module) -> int:
-    """Replace every fp32 CPU `nn.Linear` in `model` by a `PackedLinear`; return how many were replaced."""
+def pack_linears(model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
+    """Replace every fp32 CPU `nn.Linear` in `model` by a `PackedLinear`; return how many were replaced.
+
+    The layers are packed in `dtype`, except the model's output embeddings (a transformers model's
+    `get_output_embeddings()`, the vocabulary projection), which stay fp32 so that the logits are not
+    rounded to bf16.
+    """
+    output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     replaced = 0
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             weight = getattr(child, "weight", None)
             if type(child) is nn.Linear and weight.device.type == "cpu" and weight.dtype == torch.float32:
-                setattr(module, name, PackedLinear(child))
+                setattr(module, name, PackedLinear(child, torch.float32 if child is output_embeddings else dtype))
                 replaced += 1
     return replaced

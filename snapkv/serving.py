@@ -75,10 +75,15 @@ async def wait_for_signal() -> None:
     await stop.wait()
 
 
-async def serve_until_signal(server: grpc.aio.Server, cleanup: Callable[[], Awaitable[None] | None] | None = None) -> None:
-    """Run a started server until SIGINT or SIGTERM, then stop it with a short grace period."""
+async def serve_until_signal(
+    server: grpc.aio.Server, cleanup: Callable[[], Awaitable[None] | None] | None = None, name: str = "server"
+) -> None:
+    """Run a started server until SIGINT or SIGTERM, then stop it with a short grace period.
+
+    `name` (such as "decode worker on port 50053") names the stopping server in the log.
+    """
     await wait_for_signal()
-    logger.info("shutting down")
+    logger.info("%s shutting down", name)
     await server.stop(grace=5)
     if cleanup is not None:
         result = cleanup()

@@ -149,7 +149,7 @@ def test_worker_with_fp16_cache(run):
 def test_worker_with_bf16_decode_weights(run):
     # A worker whose decode step reads bf16 weights streams what the same engine generates in process,
     # which differs from the fp32 engine's greedy tokens for this prompt.
-    engine = tiny_engine(decode_weight_dtype=torch.bfloat16)
+    engine = tiny_engine(weight_dtype=torch.bfloat16)
     request = Request("w", prompt(200, 11), SamplingParams(max_tokens=30), SMALL)
     expected = [event.token_id for event in engine.generate([request])]
     assert expected != [event.token_id for event in tiny_engine().generate([request])]

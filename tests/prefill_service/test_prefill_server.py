@@ -68,8 +68,12 @@ async def wait_until(condition, timeout=10.0):
 
 @pytest.fixture(scope="module")
 def loop():
+    # Current as well: grpc.aio looks the loop up when a call is created, outside run_until_complete,
+    # and finds none once an earlier test's asyncio.run() has cleared the current loop.
     loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
     yield loop
+    asyncio.set_event_loop(None)
     loop.close()
 
 
@@ -147,6 +151,17 @@ def test_worker_engine_only_prefills():
         assert prefill_only.first_token == reference.first_token
         assert torch.equal(prefill_only.cache.keys, reference.cache.keys)
         assert torch.equal(prefill_only.cache.values, reference.cache.values)
+
+
+def test_worker_with_bf16_weights():
+    # PrefillConfig(weights="bf16") packs the actor engine's layers in bf16; its prefill still runs.
+    worker = PrefillWorker.from_model(tiny_model("llama", **FAMILY_SHAPES["llama"]), PrefillConfig(weights="bf16"))
+    assert worker.engine.weight_dtype == torch.bfloat16
+    assert worker.engine.model.model.layers[0].mlp.down_proj.packed_weight.dtype == torch.bfloat16
+    [result] = worker.engine.prefill([Request("b", prompt(120, 1), SamplingParams(max_tokens=4), SMALL)])
+    assert result.cache.keys.shape[2] == SMALL.budget
+    with pytest.raises(ValueError, match="invalid weights='fp16': expected one of"):
+        PrefillConfig(weights="fp16")
 
 
 def test_pick_slot_prefers_fewest_in_flight():

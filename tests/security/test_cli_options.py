@@ -146,15 +146,20 @@ def test_up_passes_compile_flag_to_decode(monkeypatch):
     assert "--compile-decode" not in compiled.commands["prefill"] + compiled.commands["router"]
 
 
-@pytest.mark.parametrize(("option", "default", "value"), [("--kv-dtype", "auto", "fp16"), ("--decode-weights", "model", "bf16")])
-def test_up_passes_decode_dtype_options_to_decode(monkeypatch, option, default, value):
+@pytest.mark.parametrize(
+    ("option", "default", "value", "service"),
+    [("--kv-dtype", "auto", "fp16", "decode"), ("--decode-weights", "model", "bf16", "decode"),
+     ("--prefill-weights", "model", "bf16", "prefill")],
+)
+def test_up_passes_dtype_options_to_their_service(monkeypatch, option, default, value, service):
     def given(command):
         return command[command.index(option) + 1]
 
-    assert given(up_stack(monkeypatch, []).commands["decode"]) == default
+    assert given(up_stack(monkeypatch, []).commands[service]) == default
     commands = up_stack(monkeypatch, [option, value]).commands
-    assert given(commands["decode"]) == value
-    assert option not in commands["prefill"] + commands["router"]
+    assert given(commands[service]) == value
+    others = [name for name in ("decode", "prefill", "router") if name != service]
+    assert option not in commands[others[0]] + commands[others[1]]
 
 
 @pytest.mark.parametrize(
@@ -175,7 +180,7 @@ def test_decode_kv_dtype_option(option, expected):
 @pytest.mark.parametrize(("option", "expected"), [([], torch.float32), (["--decode-weights", "bf16"], torch.bfloat16)])
 def test_decode_weights_option(option, expected):
     engine = cli_services.decode_engine(parse(["decode", "--model", "tiny-llama", "--device", "cpu", *option]))
-    assert engine.decode_weight_dtype == expected
+    assert engine.weight_dtype == expected
     assert engine._llama_step.qkv_proj[0].packed_weight.dtype == expected
 
 
@@ -186,3 +191,32 @@ def test_up_passes_token_file_to_router(tmp_path, monkeypatch):
     router = stack.commands["router"]
     assert router[router.index("--auth-token-file") + 1] == str(token_file)
     assert "--auth-token-file" not in stack.commands["decode"] + stack.commands["prefill"]
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "127.0.0.1:", "127.0.0.1:0", "127.0.0.1:70000", ":50051"])
+def test_addresses_need_a_port(capsys, address):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["generate", "--target", address, "--prompt", "x"])
+    assert exit_info.value.code == 2
+    assert f"invalid address '{address}': expected HOST:PORT with a port from 1 to 65535" in capsys.readouterr().err
+
+
+def test_unreachable_router_names_a_next_step(capsys):
+    # Nothing listens on this loopback port: the one-line error names what to check.
+    port = cli_services.free_port()
+    status, err = run_cli(["generate", "--target", f"127.0.0.1:{port}", "--prompt", "x", "--timeout", "5"], capsys)
+    assert status == 1
+    assert f"request to 127.0.0.1:{port} failed with UNAVAILABLE" in err
+    assert f"check that a router listens on 127.0.0.1:{port}" in err
+
+
+def test_missing_model_folder_is_named(tmp_path):
+    missing = tmp_path / "no-model"
+    with pytest.raises(ValueError, match=f"invalid model '{missing}': no such folder"):
+        cli_services.decode_engine(parse(["decode", "--model", str(missing), "--device", "cpu"]))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_device_without_cuda_is_named():
+    with pytest.raises(ValueError, match="invalid device 'cuda': this PyTorch build sees no CUDA device"):
+        cli_services.decode_engine(parse(["decode", "--model", "tiny-llama", "--device", "cuda"]))

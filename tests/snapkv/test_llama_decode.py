@@ -202,8 +202,7 @@ def test_compiling_traces_each_graph_once(fresh_compiler):
 def bf16_and_fp32_logits(family: str, compile_decode: bool = False):
     """Decode the same teacher-forced steps with bf16 decode weights and with fp32 ones; return both logits."""
     fp32 = Engine(tiny_model(family, **FAMILY_SHAPES[family]))
-    bf16 = Engine(tiny_model(family, **FAMILY_SHAPES[family]), decode_weight_dtype=torch.bfloat16,
-                  compile_decode=compile_decode)
+    bf16 = Engine(tiny_model(family, **FAMILY_SHAPES[family]), weight_dtype=torch.bfloat16, compile_decode=compile_decode)
     if compile_decode:
         bf16.warm_up_decode(batch_size=3, kept_positions=48)
     results = []
@@ -229,15 +228,16 @@ def teacher_forced_pairs(bf16: Engine, fp32: Engine, lengths: list[int]) -> list
 
 @pytest.mark.parametrize("family", sorted(FAMILY_SHAPES))
 def test_bf16_decode_weights(family):
-    # The layers' products read bf16 copies of their weights; the vocabulary projection and the
-    # model's own layers (which prefill uses) stay fp32. Logits differ from the fp32 step by bf16 rounding.
+    # Every product of the decoder layers reads bf16 weights, the vocabulary projection fp32 ones.
+    # Logits differ from the fp32 step by bf16 rounding.
     engine, results = bf16_and_fp32_logits(family)
     step = engine._llama_step
-    assert engine.decode_weight_dtype == torch.bfloat16
-    products = step.qkv_proj + step.gate_up_proj + step.o_proj + step.down_proj
+    assert engine.weight_dtype == torch.bfloat16
+    layers = engine.model.model.layers
+    products = step.qkv_proj + step.gate_up_proj + [layer.self_attn.o_proj for layer in layers]
+    products += [layer.mlp.down_proj for layer in layers]
     assert {product.packed_weight.dtype for product in products} == {torch.bfloat16}
     assert engine.model.lm_head.packed_weight.dtype == torch.float32
-    assert engine.model.model.layers[0].self_attn.o_proj.packed_weight.dtype == torch.float32
     for bf16_logits, fp32_logits in results:
         assert bf16_logits.dtype == torch.float32
         assert not torch.allclose(bf16_logits, fp32_logits, rtol=1e-4, atol=1e-4)
@@ -254,14 +254,25 @@ def test_compiled_step_with_bf16_decode_weights(fresh_compiler):
         torch.testing.assert_close(bf16_logits, fp32_logits, rtol=0, atol=5e-2)
 
 
-def test_bf16_decode_weights_rejected_without_packed_llama_step():
-    def engine(**options):
-        return Engine(tiny_model("llama", **FAMILY_SHAPES["llama"]), decode_weight_dtype=torch.bfloat16, **options)
-
-    with pytest.raises(ValueError, match="invalid decode_weight_dtype=torch.bfloat16: the weights are not packed"):
-        engine(pack_weights=False)
-    with pytest.raises(ValueError, match="invalid decode_weight_dtype=torch.bfloat16: the Llama decode step is off"):
-        engine(llama_decode=False)
+def test_bf16_weights_rejected_without_packing():
+    with pytest.raises(ValueError, match="invalid weight_dtype=torch.bfloat16: only packed weights take another dtype"):
+        Engine(tiny_model("llama", **FAMILY_SHAPES["llama"]), weight_dtype=torch.bfloat16, pack_weights=False)
     with pytest.raises(ValueError, match="invalid weight_dtype=torch.bfloat16 without join_projections"):
         LlamaDecodeStep(tiny_model("llama", **FAMILY_SHAPES["llama"]).model, weight_dtype=torch.bfloat16)
-    assert Engine(tiny_model("llama", **FAMILY_SHAPES["llama"])).decode_weight_dtype == torch.float32
+    assert Engine(tiny_model("llama", **FAMILY_SHAPES["llama"])).weight_dtype == torch.float32
+
+
+@pytest.mark.parametrize("llama_decode", [True, False])
+def test_bf16_weights_in_prefill_and_generic_forward(llama_decode):
+    # Prefill (and the generic decode forward) run through the model's own layers, packed in bf16: the
+    # first token's logits differ from the fp32 engine's by bf16 rounding, and greedy decoding runs.
+    bf16 = Engine(tiny_model("llama", **FAMILY_SHAPES["llama"]), weight_dtype=torch.bfloat16, llama_decode=llama_decode)
+    fp32 = Engine(tiny_model("llama", **FAMILY_SHAPES["llama"]))
+    requests = [Request(str(seed), prompt(length, seed), SamplingParams(max_tokens=STEPS + 1),
+                        CompressionConfig(window=8, budget=48, kernel=5)) for seed, length in [(1, 120), (2, 40)]]
+    for narrow, reference in zip(bf16.prefill(requests), fp32.prefill(requests)):
+        assert not torch.allclose(narrow.logits, reference.logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(narrow.logits, reference.logits, rtol=0, atol=5e-2)
+        torch.testing.assert_close(narrow.cache.keys, reference.cache.keys, rtol=0, atol=5e-2)
+    events = list(bf16.generate(requests))
+    assert {event.index for event in events if event.finish_reason} == {0, 1}
