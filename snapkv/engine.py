@@ -20,7 +20,7 @@ from typing import Iterator
 import torch
 
 from snapkv import attention
-from snapkv.config import WEIGHT_CHOICES, CompressionConfig, SamplingParams, head_dim
+from snapkv.config import CompressionConfig, SamplingParams, head_dim
 from snapkv.kv_cache import BatchCache, PromptCache
 from snapkv.llama_decode import LlamaDecodeStep, unsupported_reason
 from snapkv.model import LoadedModel
@@ -34,7 +34,8 @@ logger = logging.getLogger(__name__)
 # `Engine(kv_dtype=AUTO_KV_DTYPE)`: fp16 decode caches for fp32 models on the Llama decode step.
 AUTO_KV_DTYPE = "auto"
 # The `weight_dtype` argument for each choice of the services' --decode-weights and --prefill-weights.
-WEIGHT_DTYPES = dict(zip(WEIGHT_CHOICES, (None, torch.bfloat16)))
+# Its keys are snapkv.config.WEIGHT_CHOICES, which the command line and PrefillConfig accept.
+WEIGHT_DTYPES = {"model": None, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)

@@ -8,11 +8,12 @@ against 3.7 ms on an AMD EPYC with AVX-512. A 1,024-token prefill ran about as f
 `pack_linears` swaps every `nn.Linear` of a model for a `PackedLinear` that calls oneDNN's kernel, and
 `join_linears` packs layers that read the same input as one product.
 
-Both, and `pack_linears`, can pack weights in bf16 (`dtype=torch.bfloat16`): a product then reads half the bytes,
-and on CPUs with bf16 instructions (AVX512-BF16, AMX) oneDNN computes it with them. Inputs are
-rounded to bf16 and outputs come back in the input's dtype, rounded to bf16 on the way. On the
-2-core Intel Xeon with AMX, the 30 layers' products and the vocabulary projection of SmolLM2-135M
-took 9.6 ms against 25.6 ms in fp32 at 8 rows, and 8.8 ms against 19.0 ms at one row.
+`PackedLinear`, `join_linears` and `pack_linears` can pack weights in bf16 (`dtype=torch.bfloat16`):
+a product then reads half the bytes, and on CPUs with bf16 instructions (AVX512-BF16, AMX) oneDNN
+computes it with them. Inputs are rounded to bf16, and outputs come back in the input's dtype,
+rounded to bf16 on the way. On the 2-core Intel Xeon with AMX, the 30 layers' products and the
+vocabulary projection of SmolLM2-135M took 9.6 ms against 25.6 ms in fp32 at 8 rows, and 8.8 ms
+against 19.0 ms at one row.
 
 NOTE: `torch.ops.mkldnn._reorder_linear_weight` and `_linear_pointwise` are the operators PyTorch's
 own compiler emits for CPU linears. They are not a documented public API and may change with a

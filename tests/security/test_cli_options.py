@@ -7,6 +7,8 @@ import torch
 
 from snapkv import cli, cli_services
 from snapkv.cli_security import apply_options, read_token_file
+from snapkv.config import WEIGHT_CHOICES
+from snapkv.engine import WEIGHT_DTYPES
 from snapkv.transport import ChannelTLS, ServerTLS
 from tests.security.certs import make_authority, make_leaf
 
@@ -175,6 +177,10 @@ def test_decode_kv_dtype_option(option, expected):
     # tiny-llama is an fp32 Llama model, so "auto", the default, stores its cache in fp16.
     engine = cli_services.decode_engine(parse(["decode", "--model", "tiny-llama", "--device", "cpu", *option]))
     assert engine.kv_dtype == expected
+
+
+def test_weight_choices_map_to_dtypes():
+    assert tuple(WEIGHT_DTYPES) == WEIGHT_CHOICES
 
 
 @pytest.mark.parametrize(("option", "expected"), [([], torch.float32), (["--decode-weights", "bf16"], torch.bfloat16)])
