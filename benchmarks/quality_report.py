@@ -222,7 +222,13 @@ def markdown_fragment(results: dict, tables: str) -> str:
     document_count = len({r["case"] for r in results["nll"]["records"]})
     quick = " This is the quick run: fewer and shorter prompts, so each figure rests on few samples." if settings["quick"] else ""
     ratios = " and ".join(", ".join(f"{r}x" for r in settings["ratios"]).rsplit(", ", 1))
-    intro = f"""The embedded SmolLM2-135M-Instruct, fp32, greedy. Every method keeps the same number of positions per
+    # Runs from before these settings existed used fp32 throughout.
+    precision = "fp32"
+    if settings.get("weights", "model") == "bf16":
+        precision += " with its decoder layers' weights packed in bf16 (`--weights bf16`)"
+    if settings.get("kv_dtype", "fp32") != "fp32":
+        precision += f", decode caches in {settings['kv_dtype']}"
+    intro = f"""The embedded SmolLM2-135M-Instruct, {precision}, greedy. Every method keeps the same number of positions per
 KV head: prompt tokens // ratio, the {settings["window"]}-token observation window included. SnapKV runs
 with window {settings["window"]}, kernel {settings["kernel"]}, {settings["pooling"]} pooling and the
 {settings["gqa_reduction"]} of the scores of the query heads that share a KV head. "Sinks + recent" keeps
