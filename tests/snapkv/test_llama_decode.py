@@ -264,8 +264,9 @@ def test_bf16_weights_rejected_without_packing():
 
 @pytest.mark.parametrize("llama_decode", [True, False])
 def test_bf16_weights_in_prefill_and_generic_forward(llama_decode):
-    # Prefill (and the generic decode forward) run through the model's own layers, packed in bf16: the
-    # first token's logits differ from the fp32 engine's by bf16 rounding, and greedy decoding runs.
+    # Prefill and either decode path run through the model's own layers, packed in bf16: the first
+    # token's logits and the kept keys differ from the fp32 engine's by bf16 rounding (these prompts keep
+    # the same positions either way), and greedy decoding runs to the end.
     bf16 = Engine(tiny_model("llama", **FAMILY_SHAPES["llama"]), weight_dtype=torch.bfloat16, llama_decode=llama_decode)
     fp32 = Engine(tiny_model("llama", **FAMILY_SHAPES["llama"]))
     requests = [Request(str(seed), prompt(length, seed), SamplingParams(max_tokens=STEPS + 1),
@@ -273,6 +274,9 @@ def test_bf16_weights_in_prefill_and_generic_forward(llama_decode):
     for narrow, reference in zip(bf16.prefill(requests), fp32.prefill(requests)):
         assert not torch.allclose(narrow.logits, reference.logits, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(narrow.logits, reference.logits, rtol=0, atol=5e-2)
+        # None for the prompt shorter than the budget, which is kept whole.
+        for kept, expected in zip(narrow.kept_positions, reference.kept_positions):
+            assert (kept is None and expected is None) or torch.equal(kept, expected)
         torch.testing.assert_close(narrow.cache.keys, reference.cache.keys, rtol=0, atol=5e-2)
     events = list(bf16.generate(requests))
     assert {event.index for event in events if event.finish_reason} == {0, 1}
