@@ -160,7 +160,7 @@ async def serve(
     server.prefill_pool = pool
     logger.info(
         "prefill server serving %s on port %d: num_actors=%d, cpus_per_actor=%d, gpus_per_actor=%s, "
-        "transfer_timeout_s=%.0f, weights %s, default %s, TLS %s, client certificates %s, TLS to decode %s",
+        "transfer_timeout_s=%.0f, prefill weights %s, default %s, TLS %s, client certificates %s, TLS to decode %s",
         model_spec, port, config.num_actors, config.cpus_per_actor, num_gpus, config.transfer_timeout_s,
         config.weights, config.compression, "on" if tls else "off",
         "required" if tls and tls.client_ca_file else "not required", "on" if config.decode_tls else "off",

@@ -186,7 +186,7 @@ def _assign(message, name: str, value: object) -> None:
         setattr(message, name, value)
     except (ValueError, TypeError) as error:
         bits = _UNSIGNED_BITS.get(message.DESCRIPTOR.fields_by_name[name].type)
-        reason = f"expected an integer from 0 to {2**bits - 1}" if bits else str(error)
+        reason = f"the request carries it as an integer from 0 to {2**bits - 1}" if bits else str(error)
         raise ValueError(f"invalid {name}={value!r}: {reason}") from None
 
 

@@ -324,6 +324,12 @@ class WorkerRegistry:
                 "%s worker %s is unhealthy after %d failed health checks: %s",
                 worker.pool, worker.address, worker.consecutive_failures, error,
             )
+        elif not worker.was_ever_healthy and worker.consecutive_failures == self.config.unhealthy_threshold:
+            # A worker starts unhealthy, so one that never answers changes nothing; say so once.
+            logger.warning(
+                "%s worker %s has failed its first %d health checks and gets no requests: %s",
+                worker.pool, worker.address, worker.consecutive_failures, error,
+            )
         if worker.pool == DECODE and error is None:
             await self._poll_status(worker)
         return changed

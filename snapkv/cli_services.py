@@ -63,6 +63,9 @@ def decode_engine(args: argparse.Namespace):
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.decode_weights != "model" and device != "cpu":
+        raise ValueError(f"invalid --decode-weights {args.decode_weights} on {device}: packed bf16 weights need the "
+                         "CPU (oneDNN). Use --decode-weights model, or --device cpu.")
     return Engine(
         resolve_model(args.model, args.cache_dir, device),
         compile_decode=args.compile_decode,
@@ -102,6 +105,9 @@ def run_decode(args: argparse.Namespace) -> int:
 
 
 def run_prefill(args: argparse.Namespace) -> int:
+    if args.prefill_weights != "model" and (args.gpus_per_actor or 0) > 0:
+        raise ValueError(f"invalid --prefill-weights {args.prefill_weights} with --gpus-per-actor "
+                         f"{args.gpus_per_actor}: packed bf16 weights need the CPU (oneDNN). Use --prefill-weights model.")
     if args.ray_address is None:
         # Ray reads these settings once, at its first import, so they are applied before anything imports it.
         from prefill_service.local_ray import apply_local_ray_environment
@@ -344,8 +350,9 @@ def run_generate_target(args: argparse.Namespace) -> int:
         summary = _stream_from_router(args, pieces)
     except SnapKVError as error:
         hint = ""
-        if error.code == grpc.StatusCode.UNAVAILABLE and "failed to connect" in error.details.lower():
-            hint = f"; check that a router listens on {args.target} (`snapkv-serve up` starts one on 127.0.0.1:50051)"
+        # gRPC's own message when no connection to the target could be made (not the router's answer).
+        if error.code == grpc.StatusCode.UNAVAILABLE and error.details.startswith("failed to connect to all addresses"):
+            hint = f"; check that a router listens on {args.target} (`snapkv-serve up` starts one, on port 50051 by default)"
         raise CommandError(f"request to {args.target} failed with {error}{hint}") from error
 
     figures = {

@@ -99,9 +99,12 @@ class Engine:
 
         `weight_dtype` torch.bfloat16 packs the weights of the decoder layers' linear products in bf16,
         for prefill and decoding alike (`snapkv.packed_linear`): faster on CPUs with bf16
-        instructions, with weights, inputs and outputs of those products rounded to bf16. The
-        vocabulary projection, the norms, RoPE, attention and the residual stream keep the model's
-        dtype. It needs packed weights (an fp32 model on a CPU with oneDNN). None keeps the model's dtype.
+        instructions, with weights, inputs and outputs of those products rounded to bf16 (in the
+        decode step, the weights of the RMSNorms before the joined products are folded into them
+        first). The vocabulary projection, the normalization, RoPE and the residual stream keep the
+        model's dtype; attention runs in the model's dtype in prefill and in `kv_dtype` when
+        decoding. It needs packed weights (an fp32 model on a CPU with oneDNN). None keeps the
+        model's dtype.
         """
         config = loaded.model.config
         if getattr(config, "sliding_window", None) is not None:
@@ -136,7 +139,11 @@ class Engine:
             )
         self._llama_step = (
             LlamaDecodeStep(
-                self.model, join_projections=joined, compile_step=compile_decode, weight_dtype=self.weight_dtype
+                self.model,
+                join_projections=joined,
+                compile_step=compile_decode,
+                # The dtype of the joined products, which exist only with packed weights.
+                weight_dtype=self.weight_dtype if joined else torch.float32,
             )
             if llama_decode else None
         )

@@ -15,9 +15,9 @@ their weights are shared, not copied) with less of that work:
 - with `weight_dtype=torch.bfloat16`, the joined products are packed in bf16, for a model whose
   other layers `pack_linears` packed in bf16 (`Engine(weight_dtype=torch.bfloat16)`);
 - with `compile_step`, torch.compile turns the step into one graph of generated kernels and library
-  calls, compiled once for each kind of step. On one row on a CPU, the linear layers other than the
-  vocabulary projection become generated kernels too. They read the plain weights faster than
-  oneDNN's packed products on both an Intel and an AMD AVX-512 machine. On the AMD one, the compiled
+  calls, compiled once for each kind of step. On one row on a CPU with fp32 weights, the linear
+  layers other than the vocabulary projection become generated kernels too. They read the plain
+  weights faster than oneDNN's fp32 packed products on both an Intel and an AMD AVX-512 machine. On the AMD one, the compiled
   batch-1 step took 15.6 and 20.6 ms with them, against 27.6 and 27.2 ms packed (two interleaved
   pairs of runs).
 

@@ -171,9 +171,9 @@ def test_build_request_leaves_compression_unset_by_default():
         (dict(prompt="a", wire_dtype="fp8"), "wire_dtype='fp8'"),
         (dict(prompt="a", pooling="min"), "pooling='min'"),
         # Values that the protocol's unsigned fields cannot carry fail here, naming the field.
-        (dict(prompt="a", max_tokens=-5), r"invalid max_tokens=-5: expected an integer from 0 to 4294967295"),
-        (dict(prompt="a", budget=2**32), r"invalid budget=4294967296: expected an integer from 0 to 4294967295"),
-        (dict(prompt="a", top_k=-1), r"invalid top_k=-1: expected an integer from 0"),
+        (dict(prompt="a", max_tokens=-5), r"invalid max_tokens=-5: the request carries it as an integer from 0 to 4294967295"),
+        (dict(prompt="a", budget=2**32), r"invalid budget=4294967296: the request carries it as an integer from 0 to 4294967295"),
+        (dict(prompt="a", top_k=-1), r"invalid top_k=-1: the request carries it as an integer from 0"),
         (dict(prompt="a", temperature="hot"), r"invalid temperature='hot': "),
     ],
 )

@@ -5,6 +5,7 @@ every health check they count is one they ran.
 """
 
 import asyncio
+import logging
 
 import grpc
 import pytest
@@ -96,6 +97,29 @@ def test_unreachable_worker_fails_checks(cluster):
     assert not healthy
     assert failures == 1
     assert last_error.startswith("health check failed with UNAVAILABLE")
+
+
+def test_never_healthy_worker_is_logged_once(cluster, caplog):
+    # A worker that never answers stays unhealthy, which is no change of state; the registry still
+    # warns once, when it has failed as many checks as would make a healthy worker unhealthy.
+    prefill = cluster.fake(FakePrefill())
+    stopped = cluster.fake(FakeDecode())
+    cluster.run(stopped.server.stop(None))
+
+    async def scenario():
+        registry = WorkerRegistry([prefill.address], [stopped.address], THRESHOLDS)
+        await registry.resolve()
+        for _ in range(THRESHOLDS.unhealthy_threshold + 2):
+            await registry.check()
+        await registry.close()
+
+    with caplog.at_level(logging.WARNING, logger="router.registry"):
+        cluster.run(scenario())
+    warnings = [r.getMessage() for r in caplog.records if "has failed its first" in r.getMessage()]
+    assert len(warnings) == 1
+    assert warnings[0].startswith(
+        f"decode worker {stopped.address} has failed its first {THRESHOLDS.unhealthy_threshold} health checks "
+        "and gets no requests: health check failed with UNAVAILABLE")
 
 
 def test_health_check_asks_for_pool_service(cluster):

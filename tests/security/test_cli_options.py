@@ -226,3 +226,11 @@ def test_missing_model_folder_is_named(tmp_path):
 def test_cuda_device_without_cuda_is_named():
     with pytest.raises(ValueError, match="invalid device 'cuda': this PyTorch build sees no CUDA device"):
         cli_services.decode_engine(parse(["decode", "--model", "tiny-llama", "--device", "cuda"]))
+
+
+def test_bf16_weights_need_the_cpu(capsys):
+    with pytest.raises(ValueError, match="invalid --decode-weights bf16 on cuda: packed bf16 weights need the CPU"):
+        cli_services.decode_engine(parse(["decode", "--model", "tiny-llama", "--device", "cuda", "--decode-weights", "bf16"]))
+    status, err = run_cli(["prefill", "--model", "tiny-llama", "--prefill-weights", "bf16", "--gpus-per-actor", "1"], capsys)
+    assert status == 1
+    assert "invalid --prefill-weights bf16 with --gpus-per-actor 1.0: packed bf16 weights need the CPU" in err

@@ -280,3 +280,17 @@ def test_bf16_weights_in_prefill_and_generic_forward(llama_decode):
         torch.testing.assert_close(narrow.cache.keys, reference.cache.keys, rtol=0, atol=5e-2)
     events = list(bf16.generate(requests))
     assert {event.index for event in events if event.finish_reason} == {0, 1}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_engine_on_a_narrow_model(dtype):
+    # A model loaded in bf16 or fp16 packs nothing and decodes through the Llama step in its own dtype.
+    loaded = tiny_model("llama", **FAMILY_SHAPES["llama"])
+    loaded.model.to(dtype)
+    engine = Engine(loaded)
+    assert engine.weight_dtype == dtype
+    assert engine.packed_layers == 0
+    assert engine.decode_path == "llama"
+    request = Request("n", prompt(120, 1), SamplingParams(max_tokens=STEPS), CompressionConfig(window=8, budget=48, kernel=5))
+    events = list(engine.generate([request]))
+    assert events[-1].finish_reason in ("stop", "length")
