@@ -4,7 +4,8 @@ A decode step multiplies a few rows of activations (one per sequence in the batc
 matrix. On the 2-core CPUs this project is measured on, PyTorch's default BLAS path ran those products
 at a third to a fifth of the speed of oneDNN with a pre-packed weight: the 8-row vocabulary
 projection of SmolLM2-135M (576 x 49152) took 87 ms against 26 ms on an AVX2 machine, and 18.4 ms
-against 3.7 ms on an AMD EPYC with AVX-512. A 1,024-token prefill ran about as fast either way.
+against 3.7 ms on an AMD EPYC with AVX-512. A 1,024-token prefill ran about as fast either way in
+fp32; with bf16 weights (below) prefill gains too.
 `pack_linears` swaps every `nn.Linear` of a model for a `PackedLinear` that calls oneDNN's kernel, and
 `join_linears` packs layers that read the same input as one product.
 
@@ -12,8 +13,9 @@ against 3.7 ms on an AMD EPYC with AVX-512. A 1,024-token prefill ran about as f
 a product then reads half the bytes, and on CPUs with bf16 instructions (AVX512-BF16, AMX) oneDNN
 computes it with them. Inputs are rounded to bf16, and outputs come back in the input's dtype,
 rounded to bf16 on the way. On the 2-core Intel Xeon with AMX, the 30 layers' products and the
-vocabulary projection of SmolLM2-135M took 9.6 ms against 25.6 ms in fp32 at 8 rows, and 8.8 ms
-against 19.0 ms at one row.
+vocabulary projection of SmolLM2-135M, all packed in bf16 for that measurement, took 9.6 ms against
+25.6 ms in fp32 at 8 rows, and 8.8 ms against 19.0 ms at one row. `pack_linears` keeps the
+vocabulary projection fp32 (4.2 against 1.3 ms in bf16 at 8 rows).
 
 NOTE: `torch.ops.mkldnn._reorder_linear_weight` and `_linear_pointwise` are the operators PyTorch's
 own compiler emits for CPU linears. They are not a documented public API and may change with a
@@ -56,13 +58,14 @@ PACKED_DTYPES = (torch.float32, torch.bfloat16)
 
 
 class PackedLinear(nn.Module):
-    """A fp32 CPU `nn.Linear` that computes with its weight packed in oneDNN's layout; same inputs and outputs.
+    """A fp32 CPU `nn.Linear` that computes with its weight packed in oneDNN's layout; same input and output shapes.
 
-    `dtype` is the packed weight's: fp32 (the default) or bf16, which rounds the weight, the input and
-    the output to bf16 (see the module docstring).
+    `dtype` is the packed weight's: fp32 (the default), which gives the layer's results to within
+    float rounding, or bf16, which rounds the weight, the input and the output to bf16 (see the
+    module docstring).
 
     The module keeps the layer's parameters, so the model's state dict, dtype and device read as
-    before, and the packed copy costs as much memory again. Every row count takes the packed path.
+    before, and the packed copy costs as much memory again in fp32, half as much in bf16. Every row count takes the packed path.
     One row used to take the plain weight for square and narrowing matrices, which was faster on the
     AVX2 machine of the first measurements. On an AMD EPYC AVX-512 machine (2026-12-05) the packed
     path was faster for them too (576 x 576: 83 us against 124 us; 1536 x 576: 207 us against 245 us,
