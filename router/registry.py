@@ -325,7 +325,7 @@ class WorkerRegistry:
                 worker.pool, worker.address, worker.consecutive_failures, error,
             )
         elif not worker.was_ever_healthy and worker.consecutive_failures == self.config.unhealthy_threshold:
-            # A worker starts unhealthy, so one that never answers changes nothing; say so once.
+            # A worker starts unhealthy, so one that never passes a check changes no state; warn once.
             logger.warning(
                 "%s worker %s has failed its first %d health checks and gets no requests: %s",
                 worker.pool, worker.address, worker.consecutive_failures, error,

@@ -350,7 +350,7 @@ def run_generate_target(args: argparse.Namespace) -> int:
         summary = _stream_from_router(args, pieces)
     except SnapKVError as error:
         hint = ""
-        # gRPC's own message when no connection to the target could be made (not the router's answer).
+        # gRPC's own message when no connection to the target could be made (not a status the router sent).
         if error.code == grpc.StatusCode.UNAVAILABLE and error.details.startswith("failed to connect to all addresses"):
             hint = f"; check that a router listens on {args.target} (`snapkv-serve up` starts one, on port 50051 by default)"
         raise CommandError(f"request to {args.target} failed with {error}{hint}") from error

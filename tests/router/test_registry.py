@@ -100,7 +100,7 @@ def test_unreachable_worker_fails_checks(cluster):
 
 
 def test_never_healthy_worker_is_logged_once(cluster, caplog):
-    # A worker that never answers stays unhealthy, which is no change of state; the registry still
+    # A worker that never passes a check stays unhealthy, which is no change of state; the registry still
     # warns once, when it has failed as many checks as would make a healthy worker unhealthy.
     prefill = cluster.fake(FakePrefill())
     stopped = cluster.fake(FakeDecode())
