@@ -104,7 +104,8 @@ class Engine:
         first). The vocabulary projection, the normalization, RoPE and the residual stream keep the
         model's dtype; attention runs in the model's dtype in prefill and in `kv_dtype` when
         decoding. It needs packed weights (an fp32 model on a CPU with oneDNN). None keeps the
-        model's dtype.
+        model's dtype. NOTE: measured only on a CPU with AMX; on CPUs without bf16 instructions
+        oneDNN emulates bf16, which may be slower than fp32.
         """
         config = loaded.model.config
         if getattr(config, "sliding_window", None) is not None:

@@ -78,7 +78,8 @@ def test_new_worker_healthy_after_first_success(cluster):
     assert cluster.run(scenario()) == (False, True)
 
 
-def test_unreachable_worker_fails_checks(cluster):
+def check_stopped_decode(cluster, checks: int):
+    """Run `checks` health checks on a registry whose decode worker has stopped; return its address and worker."""
     prefill = cluster.fake(FakePrefill())
     stopped = cluster.fake(FakeDecode())
     cluster.run(stopped.server.stop(None))
@@ -86,39 +87,32 @@ def test_unreachable_worker_fails_checks(cluster):
     async def scenario():
         registry = WorkerRegistry([prefill.address], [stopped.address], THRESHOLDS)
         await registry.resolve()
-        await registry.check()
+        for _ in range(checks):
+            await registry.check()
         [worker] = registry.workers(DECODE)
-        result = worker.healthy, worker.consecutive_failures, worker.last_error
         await registry.close()
-        return result
+        return worker
 
-    healthy, failures, last_error = cluster.run(scenario())
+    return stopped.address, cluster.run(scenario())
 
-    assert not healthy
-    assert failures == 1
-    assert last_error.startswith("health check failed with UNAVAILABLE")
+
+def test_unreachable_worker_fails_checks(cluster):
+    _, worker = check_stopped_decode(cluster, checks=1)
+
+    assert not worker.healthy
+    assert worker.consecutive_failures == 1
+    assert worker.last_error.startswith("health check failed with UNAVAILABLE")
 
 
 def test_never_healthy_worker_is_logged_once(cluster, caplog):
-    # A worker that never passes a check stays unhealthy, which is no change of state; the registry still
-    # warns once, when it has failed as many checks as would make a healthy worker unhealthy.
-    prefill = cluster.fake(FakePrefill())
-    stopped = cluster.fake(FakeDecode())
-    cluster.run(stopped.server.stop(None))
-
-    async def scenario():
-        registry = WorkerRegistry([prefill.address], [stopped.address], THRESHOLDS)
-        await registry.resolve()
-        for _ in range(THRESHOLDS.unhealthy_threshold + 2):
-            await registry.check()
-        await registry.close()
-
+    # A worker that never passes a check stays unhealthy, so its state never changes. The registry
+    # still warns once: after as many failed checks as would make a healthy worker unhealthy.
     with caplog.at_level(logging.WARNING, logger="router.registry"):
-        cluster.run(scenario())
+        address, _ = check_stopped_decode(cluster, checks=THRESHOLDS.unhealthy_threshold + 2)
     warnings = [r.getMessage() for r in caplog.records if "has failed its first" in r.getMessage()]
     assert len(warnings) == 1
     assert warnings[0].startswith(
-        f"decode worker {stopped.address} has failed its first {THRESHOLDS.unhealthy_threshold} health checks "
+        f"decode worker {address} has failed its first {THRESHOLDS.unhealthy_threshold} health checks "
         "and gets no requests: health check failed with UNAVAILABLE")
 
 

@@ -264,9 +264,9 @@ def test_bf16_weights_rejected_without_packing():
 
 @pytest.mark.parametrize("llama_decode", [True, False])
 def test_bf16_weights_in_prefill_and_generic_forward(llama_decode):
-    # Prefill and either decode path run through the model's own layers, packed in bf16: the first
-    # token's logits and the kept keys differ from the fp32 engine's by bf16 rounding (these prompts keep
-    # the same positions either way), and greedy decoding runs to the end.
+    # Prefill and either decode path run through the model's own layers, packed in bf16. The first
+    # token's logits and the kept keys differ from the fp32 engine's by bf16 rounding only, because
+    # these prompts keep the same positions in both. Greedy decoding then runs to the end.
     bf16 = Engine(tiny_model("llama", **FAMILY_SHAPES["llama"]), weight_dtype=torch.bfloat16, llama_decode=llama_decode)
     fp32 = Engine(tiny_model("llama", **FAMILY_SHAPES["llama"]))
     requests = [Request(str(seed), prompt(length, seed), SamplingParams(max_tokens=STEPS + 1),
@@ -275,8 +275,9 @@ def test_bf16_weights_in_prefill_and_generic_forward(llama_decode):
         assert not torch.allclose(narrow.logits, reference.logits, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(narrow.logits, reference.logits, rtol=0, atol=5e-2)
         # None for the prompt shorter than the budget, which is kept whole.
-        for kept, expected in zip(narrow.kept_positions, reference.kept_positions):
-            assert (kept is None and expected is None) or torch.equal(kept, expected)
+        for narrow_positions, reference_positions in zip(narrow.kept_positions, reference.kept_positions):
+            both_whole = narrow_positions is None and reference_positions is None
+            assert both_whole or torch.equal(narrow_positions, reference_positions)
         torch.testing.assert_close(narrow.cache.keys, reference.cache.keys, rtol=0, atol=5e-2)
     events = list(bf16.generate(requests))
     assert {event.index for event in events if event.finish_reason} == {0, 1}
